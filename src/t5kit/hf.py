@@ -1,0 +1,218 @@
+"""Hugging Face checkpoints <-> t5kit: config.json, safetensors (single, sharded; memory-mapped),
+pytorch_model.bin, hub ids (lazy huggingface_hub), and saving back in the HF layout.
+
+Weight names are data: KEY_MAP is the one table, used in both directions. Loading is strict:
+every tensor in the checkpoint is consumed, every parameter is filled, every shape matches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+import torch
+
+from .atomic import atomic_path, write_json
+from .config import T5Config
+from .hub import resolve_dir
+from .model import T5
+
+log = logging.getLogger(__name__)
+
+# t5kit name template -> HF name template. {s}: encoder|decoder, {i}: block index, {p}: projection.
+KEY_MAP = {
+    "shared.weight": "shared.weight",
+    "lm_head.weight": "lm_head.weight",
+    "{s}.norm.weight": "{s}.final_layer_norm.weight",
+    "{s}.blocks.{i}.rel_bias.weight": "{s}.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight",
+    "{s}.blocks.{i}.attn.{p}.weight": "{s}.block.{i}.layer.0.SelfAttention.{p}.weight",
+    "{s}.blocks.{i}.attn_norm.weight": "{s}.block.{i}.layer.0.layer_norm.weight",
+    "decoder.blocks.{i}.cross.{p}.weight": "decoder.block.{i}.layer.1.EncDecAttention.{p}.weight",
+    "decoder.blocks.{i}.cross_norm.weight": "decoder.block.{i}.layer.1.layer_norm.weight",
+    "encoder.blocks.{i}.ffn.{p}.weight": "encoder.block.{i}.layer.1.DenseReluDense.{p}.weight",
+    "encoder.blocks.{i}.ffn_norm.weight": "encoder.block.{i}.layer.1.layer_norm.weight",
+    "decoder.blocks.{i}.ffn.{p}.weight": "decoder.block.{i}.layer.2.DenseReluDense.{p}.weight",
+    "decoder.blocks.{i}.ffn_norm.weight": "decoder.block.{i}.layer.2.layer_norm.weight",
+}
+# Older checkpoints (pytorch_model.bin) also store the shared table under each stack's name.
+EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+
+def _compile(template: str) -> re.Pattern:
+    rx = re.escape(template).replace(r"\{s\}", "(?P<s>encoder|decoder)").replace(r"\{i\}", r"(?P<i>\d+)")
+    return re.compile("^" + rx.replace(r"\{p\}", r"(?P<p>\w+)") + "$")
+
+
+_FORWARD = [(_compile(hf), ours) for ours, hf in KEY_MAP.items()]
+_BACKWARD = [(_compile(ours), hf) for ours, hf in KEY_MAP.items()]
+
+
+def _rename(name: str, table) -> str | None:
+    for rx, template in table:
+        m = rx.match(name)
+        if m:
+            return template.format(**m.groupdict())
+    return None
+
+
+def hf_to_t5kit(name: str) -> str | None:
+    return _rename(name, _FORWARD)
+
+
+def t5kit_to_hf(name: str) -> str:
+    out = _rename(name, _BACKWARD)
+    if out is None:
+        raise KeyError(f"parameter {name!r} has no Hugging Face name in KEY_MAP")
+    return out
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} does not exist: expected one of {sorted(DTYPES)}") from None
+
+
+def _weight_files(folder: str) -> tuple[str, list[str]]:
+    """-> (kind, files) for the first weight layout present: safetensors, sharded, or .bin."""
+    for index, single, kind in ((SAFE_INDEX, SAFE_SINGLE, "safetensors"), (BIN_INDEX, BIN_SINGLE, "bin")):
+        if os.path.isfile(os.path.join(folder, single)):
+            return kind, [os.path.join(folder, single)]
+        ipath = os.path.join(folder, index)
+        if os.path.isfile(ipath):
+            try:
+                with open(ipath, encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{ipath}: expected JSON with a 'weight_map' object ({e})") from None
+            files = [os.path.join(folder, s) for s in shards]
+            for fpath in files:
+                if not os.path.isfile(fpath):
+                    raise FileNotFoundError(f"{fpath}: shard listed in {ipath} is missing")
+            return kind, files
+    raise FileNotFoundError(f"{folder}: no weights found; expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+
+
+class _Reader:
+    """Uniform access to tensors across checkpoint files, opened lazily (safetensors are mmapped)."""
+
+    def __init__(self, kind: str, files: list[str], device: str):
+        self.where: dict[str, tuple[str, object]] = {}
+        for fpath in files:
+            if kind == "safetensors":
+                from safetensors import safe_open
+                try:
+                    handle = safe_open(fpath, framework="pt", device=str(device))
+                    keys = list(handle.keys())
+                except Exception as e:  # SafetensorError: truncated header, bad JSON, wrong sizes
+                    raise ValueError(f"{fpath}: not a valid safetensors file ({e})") from None
+                get = handle.get_tensor
+            else:
+                try:
+                    sd = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:
+                    raise ValueError(f"{fpath}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+                keys, get = list(sd), sd.__getitem__
+            for k in keys:
+                if k in self.where:
+                    raise ValueError(f"{fpath}: tensor {k!r} also stored in {self.where[k][0]}")
+                self.where[k] = (fpath, get)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> torch.Tensor:
+        fpath, get = self.where[key]
+        try:
+            return get(key)
+        except Exception as e:
+            raise ValueError(f"{fpath}: tensor {key!r} could not be read ({e})") from None
+
+
+def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: str | torch.dtype | None = torch.float32,
+                    device: str | torch.device = "cpu") -> T5:
+    """Load an HF T5 / mT5 / UMT5 / ByT5 checkpoint into a t5kit T5 (in eval mode)."""
+    dtype = resolve_dtype(dtype)
+    folder = resolve_dir(path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model"])
+    config = T5Config.from_hf_json(os.path.join(folder, "config.json"))
+    reader = _Reader(*_weight_files(folder), device="cpu")
+    copies = ["shared.weight", *EMBED_ALIASES] + (["lm_head.weight"] if config.tie_word_embeddings else [])
+    shared_key = next((k for k in copies if k in reader), None)  # the file's shared table, by any name
+    if config.tie_word_embeddings and "lm_head.weight" in reader and shared_key != "lm_head.weight":
+        if not torch.equal(reader.get("lm_head.weight"), reader.get(shared_key)):
+            # transformers does the same: a distinct lm_head in the file wins over the config's tie.
+            log.warning("%s: config ties embeddings but lm_head.weight differs from %s; "
+                        "loading them untied, as transformers does", folder, shared_key)
+            config = config.replace(tie_word_embeddings=False)
+            copies.remove("lm_head.weight")
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = {}
+    for key in reader.where:
+        fpath = reader.where[key][0]
+        name = "shared.weight" if key == shared_key else None if key in copies else hf_to_t5kit(key)
+        if key in copies and name is None:  # a redundant copy of the shared table: shape-check only
+            name = "shared.weight"
+            if reader.get(key).shape != expected[name]:
+                raise ValueError(f"{fpath}: tensor {key!r} has shape {tuple(reader.get(key).shape)}, "
+                                 f"expected {tuple(expected[name])} (a copy of {shared_key})")
+            continue
+        if name is None or name not in expected:
+            raise ValueError(f"{fpath}: unexpected tensor {key!r} (not part of a {config.model_type} model "
+                             f"with {config.num_layers}+{config.num_decoder_layers} layers)")
+        t = reader.get(key)
+        if t.shape != expected[name]:
+            raise ValueError(f"{fpath}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
+        state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    missing = [t5kit_to_hf(k) for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"{folder}: checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
+
+
+def save_pretrained(model: T5, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json + model.safetensors (or shards + index) in the HF layout, each file
+    atomically; `transformers` loads it with no missing or unexpected keys."""
+    from safetensors.torch import save_file
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {t5kit_to_hf(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    shards: list[dict] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    names = [SAFE_SINGLE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        with atomic_path(os.path.join(out_dir, name)) as tmp:
+            save_file(shard, tmp, metadata={"format": "pt"})
+    stale = [SAFE_INDEX] if len(shards) == 1 else [SAFE_SINGLE]
+    stale += [f for f in os.listdir(out_dir) if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f) and f not in names]
+    if len(shards) > 1:
+        write_json(os.path.join(out_dir, SAFE_INDEX), {
+            "metadata": {"total_size": sum(v.numel() * v.element_size() for v in tensors.values())},
+            "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}})
+    for f in stale:
+        if os.path.exists(os.path.join(out_dir, f)):
+            os.remove(os.path.join(out_dir, f))
+    cfg = model.config.to_hf_json()
+    cfg["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    write_json(os.path.join(out_dir, "config.json"), cfg)

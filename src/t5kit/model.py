@@ -1,0 +1,378 @@
+"""The T5 family (T5 v1.0/v1.1, Flan-T5, mT5, ByT5, UMT5) as one encoder-decoder module.
+
+Shape legend (nanoGPT style):
+  B batch   S source (encoder) length   T target (decoder) length   K key length
+  L decoder cache length   H heads   D head size (d_kv)   C d_model   F d_ff   V vocab
+
+Every T5 quirk needed to match Hugging Face checkpoints bit for bit is commented where it lives;
+`../shared/T5_REFERENCE.md` section 3 collects the sources. The module knows nothing of training,
+data or parallelism: those are applied from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import T5Config
+
+
+class RMSNorm(nn.Module):
+    """T5 LayerNorm: scale only, no mean subtraction, no bias; variance in fp32 (HF T5LayerNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(var + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+def relative_position_bucket(rel: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
+    """Bucket index for `rel = key_pos - query_pos` (HF T5Attention._relative_position_bucket, t5x
+    layers.py). Exact below num_buckets/2 (or /4 bidirectional), log-spaced above, float32 log.
+
+    >>> relative_position_bucket(torch.tensor([-200, -20, -3, 0, 3, 20]), True, 32, 128).tolist()
+    [15, 10, 3, 0, 19, 26]
+    """
+    bucket = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (rel > 0).long() * num_buckets  # keys after the query use the upper half
+        n = rel.abs()
+    else:
+        n = (-rel).clamp(min=0)  # causal: only the past has distinct buckets
+    max_exact = num_buckets // 2
+    large = max_exact + (
+        torch.log(n.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    large = large.clamp(max=num_buckets - 1)
+    return bucket + torch.where(n < max_exact, n, large)
+
+
+class RelativeBias(nn.Module):
+    """Learned per-head bias over bucketed relative positions. `weight` is (buckets, H), as HF's
+    `relative_attention_bias` Embedding. Cross-attention never has one (HF PR #8518)."""
+
+    def __init__(self, cfg: T5Config, bidirectional: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(cfg.relative_attention_num_buckets, cfg.num_heads))
+        self.bidirectional = bidirectional
+        self.max_distance = cfg.relative_attention_max_distance
+
+    def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """q_pos (B|1, T), k_pos (B|1, K) integer positions -> bias (B|1, H, T, K)."""
+        rel = k_pos[:, None, :] - q_pos[:, :, None]  # (B|1, T, K)
+        buckets = relative_position_bucket(rel, self.bidirectional, self.weight.shape[0], self.max_distance)
+        return F.embedding(buckets, self.weight).permute(0, 3, 1, 2)  # (B|1, T, K, H) -> (B|1, H, T, K)
+
+
+def mask_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean keep mask (B, T|1, K) -> additive bias (B, 1, T|1, K): 0 or finfo.min, as HF does
+    ((1 - mask) * finfo.min; a large finite value, so fully masked rows give no NaN)."""
+    return torch.zeros((), dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)[:, None]
+
+
+def segment_positions(segment_ids: Tensor) -> Tensor:
+    """Position of each token within its packed segment. (B, N) -> (B, N).
+
+    >>> segment_positions(torch.tensor([[1, 1, 1, 2, 2, 0]])).tolist()
+    [[0, 1, 2, 0, 1, 0]]
+    """
+    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return idx - torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+
+
+class Attention(nn.Module):
+    """Multi-head attention with no 1/sqrt(D) scale: T5 folds it into the q init (t5x layers.py,
+    "folded into the initializers"), so SDPA gets scale=1.0. Bias carries position and mask."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.h, self.d = cfg.num_heads, cfg.d_kv
+        self.q = nn.Linear(cfg.d_model, cfg.inner_dim, bias=False)
+        self.k = nn.Linear(cfg.d_model, cfg.inner_dim, bias=False)
+        self.v = nn.Linear(cfg.d_model, cfg.inner_dim, bias=False)
+        self.o = nn.Linear(cfg.inner_dim, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout_rate
+
+    def split(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.h, self.d).transpose(1, 2)  # (B, N, H*D) -> (B, H, N, D)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split(self.k(x)), self.split(self.v(x))  # 2 x (B, H, K, D)
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], bias: Tensor) -> Tensor:
+        """x (B, T, C), kv 2 x (B, H, K, D), bias (B|1, H|1, T, K) -> (B, T, C)."""
+        b, t, _ = x.shape
+        q = self.split(self.q(x))  # (B, H, T, D)
+        out = F.scaled_dot_product_attention(
+            q, kv[0], kv[1], attn_mask=bias.to(q.dtype), scale=1.0,
+            dropout_p=self.dropout if self.training else 0.0)
+        return self.o(out.transpose(1, 2).reshape(b, t, self.h * self.d))  # (B, H, T, D) -> (B, T, H*D)
+
+
+class FeedForward(nn.Module):
+    """v1.0: wo(relu(wi x)). v1.1 and descendants: wo(gelu_tanh(wi_0 x) * wi_1 x)."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.gated = cfg.is_gated
+        if self.gated:
+            self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        act = cfg.activation
+        self.act = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}[act]
+        self.drop = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
+        h = self.drop(h)
+        # HF keeps `wo` in fp32 under half precision (_keep_in_fp32_modules) and casts to it.
+        return self.wo(h.to(self.wo.weight.dtype) if self.wo.weight.is_floating_point() else h)
+
+
+def _clamp_fp16(x: Tensor) -> Tensor:
+    """HF T5Block: in fp16 only, clamp to finfo.max - 1000 when an inf appeared (no sync)."""
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), big - 1000, big)
+    return torch.clamp(x, min=-limit, max=limit)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: T5Config, has_bias: bool):
+        super().__init__()
+        self.rel_bias = RelativeBias(cfg, bidirectional=True) if has_bias else None
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.ffn = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        h = self.attn_norm(x)  # pre-norm residual: x + Dropout(Sublayer(RMSNorm(x)))
+        x = _clamp_fp16(x + self.drop(self.attn(h, self.attn.project_kv(h), bias)))
+        return _clamp_fp16(x + self.drop(self.ffn(self.ffn_norm(x))))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: T5Config, has_bias: bool):
+        super().__init__()
+        self.rel_bias = RelativeBias(cfg, bidirectional=False) if has_bias else None
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg)
+        self.cross_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.cross = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.ffn = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x: Tensor, self_bias: Tensor, cross_kv: tuple[Tensor, Tensor], cross_bias: Tensor,
+                cache: "DecodeCache | None" = None, layer: int = 0) -> Tensor:
+        """With a cache, x's keys are written at the cache position and all keys so far attended."""
+        h = self.attn_norm(x)
+        kv = self.attn.project_kv(h)
+        if cache is not None:
+            kv = cache.write(layer, kv)
+        x = _clamp_fp16(x + self.drop(self.attn(h, kv, self_bias)))
+        x = _clamp_fp16(x + self.drop(self.cross(self.cross_norm(x), cross_kv, cross_bias)))
+        return _clamp_fp16(x + self.drop(self.ffn(self.ffn_norm(x))))
+
+
+class Stack(nn.Module):
+    """Blocks plus final norm. Block 0 owns the relative-bias table and the bias it gives is
+    reused by every later block (HF passes `position_bias` along); UMT5 gives each block its own."""
+
+    def __init__(self, cfg: T5Config, block: type, n: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(block(cfg, has_bias=cfg.per_layer_bias or i == 0) for i in range(n))
+        self.norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.drop = nn.Dropout(cfg.dropout_rate)
+
+    def position_biases(self, q_pos: Tensor, k_pos: Tensor, mask: Tensor) -> list[Tensor]:
+        """One (B|1, H, T, K) bias per block, mask added; computed once per table."""
+        shared = None
+        out = []
+        for blk in self.blocks:
+            if blk.rel_bias is not None:
+                shared = blk.rel_bias(q_pos, k_pos).to(mask.dtype) + mask
+            out.append(shared)
+        return out
+
+
+class Encoder(Stack):
+    def __init__(self, cfg: T5Config):
+        super().__init__(cfg, EncoderBlock, cfg.num_layers)
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None, segment_ids: Tensor | None = None) -> Tensor:
+        """x (B, S, C) embedded input; attention_mask (B, S) 1 = token; segment_ids (B, S) packed
+        example ids, 0 = padding, attention never crosses segments. -> (B, S, C) post-norm."""
+        b, s, _ = x.shape
+        if segment_ids is not None:
+            keep = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+            pos = segment_positions(segment_ids)  # (B, S)
+        else:
+            keep = (attention_mask if attention_mask is not None else x.new_ones(b, s))[:, None, :].bool()
+            pos = torch.arange(s, device=x.device)[None]  # (1, S)
+        biases = self.position_biases(pos, pos, mask_bias(keep, x.dtype))
+        x = self.drop(x)
+        for blk, bias in zip(self.blocks, biases):
+            x = blk(x, bias)
+        return self.drop(self.norm(x))
+
+
+class DecodeCache:
+    """Static decoder state for incremental decoding. Self-attention K/V are preallocated to
+    `max_len` and written by index; cross-attention K/V are computed once per request; the causal
+    relative bias is computed once for (max_len, max_len) and sliced by position.
+
+    self_kv: per layer 2 x (B, H, L, D); cross_kv: per layer 2 x (B, H, S, D);
+    cross_bias (B, 1, 1, S); self_bias: per layer (1, H, L, L); pos: tokens written so far."""
+
+    def __init__(self, decoder: "Decoder", memory: Tensor, memory_mask: Tensor | None, max_len: int):
+        b, s, _ = memory.shape
+        blk0 = decoder.blocks[0]
+        h, d = blk0.attn.h, blk0.attn.d
+        self.cross_kv = [blk.cross.project_kv(memory) for blk in decoder.blocks]
+        keep = (memory_mask if memory_mask is not None else memory.new_ones(b, s))[:, None, :].bool()
+        self.cross_bias = mask_bias(keep, memory.dtype)
+        self.self_kv = [(memory.new_zeros(b, h, max_len, d), memory.new_zeros(b, h, max_len, d))
+                        for _ in decoder.blocks]
+        pos = torch.arange(max_len, device=memory.device)[None]
+        causal = mask_bias(torch.ones(max_len, max_len, dtype=torch.bool, device=memory.device).tril()[None], memory.dtype)
+        self.self_bias = decoder.position_biases(pos, pos, causal)
+        self.pos = 0
+        self.max_len = max_len
+
+    def write(self, layer: int, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Store new keys/values (B, H, T, D) at the current position; return all keys so far."""
+        t = kv[0].shape[2]
+        if self.pos + t > self.max_len:
+            raise ValueError(f"decode cache full: position {self.pos} + {t} tokens > max_len {self.max_len}")
+        k, v = self.self_kv[layer]
+        k[:, :, self.pos:self.pos + t] = kv[0]
+        v[:, :, self.pos:self.pos + t] = kv[1]
+        return k[:, :, :self.pos + t], v[:, :, :self.pos + t]
+
+    def select(self, rows: Tensor, cross_too: bool = True) -> None:
+        """Keep / reorder batch rows: beam reordering (self only) or dropping finished rows."""
+        self.self_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.self_kv]
+        if cross_too:
+            self.cross_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross_kv]
+            self.cross_bias = self.cross_bias.index_select(0, rows)
+
+
+class Decoder(Stack):
+    def __init__(self, cfg: T5Config):
+        super().__init__(cfg, DecoderBlock, cfg.num_decoder_layers)
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, memory_mask: Tensor | None = None,
+                attention_mask: Tensor | None = None, segment_ids: Tensor | None = None,
+                memory_segment_ids: Tensor | None = None, cache: DecodeCache | None = None) -> Tensor:
+        """x (B, T, C) embedded target; memory (B, S, C) encoder output (unused with a cache).
+        -> (B, T, C) post-norm hidden states."""
+        b, t, _ = x.shape
+        if cache is not None:
+            p = cache.pos
+            self_biases = [bias[:, :, p:p + t, :p + t] for bias in cache.self_bias]
+            cross_kvs, cross_bias = cache.cross_kv, cache.cross_bias
+        else:
+            s = memory.shape[1]
+            keep = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None]  # (1, T, T) causal
+            if segment_ids is not None:
+                keep = keep & (segment_ids[:, :, None] == segment_ids[:, None, :])
+                pos = segment_positions(segment_ids)
+                cross_keep = (segment_ids[:, :, None] == memory_segment_ids[:, None, :]) & (memory_segment_ids[:, None, :] != 0)
+            else:
+                if attention_mask is not None:
+                    keep = keep & attention_mask[:, None, :].bool()
+                pos = torch.arange(t, device=x.device)[None]
+                cross_keep = (memory_mask if memory_mask is not None else memory.new_ones(b, s))[:, None, :].bool()
+            self_biases = self.position_biases(pos, pos, mask_bias(keep, x.dtype))
+            cross_kvs = [blk.cross.project_kv(memory) for blk in self.blocks]
+            cross_bias = mask_bias(cross_keep, x.dtype)
+        x = self.drop(x)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, self_biases[i], cross_kvs[i], cross_bias, cache, i)
+        if cache is not None:
+            cache.pos += t
+        return self.drop(self.norm(x))
+
+
+class T5(nn.Module):
+    """Encoder-decoder T5. `encode` alone serves as T5EncoderModel (e.g. diffusion text encoders).
+    `from_pretrained`, `save_pretrained` and `generate` are bound in `t5kit/__init__.py` (they
+    live in hf.py and generate.py, which import this module, not the other way round)."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)  # one table for both stacks
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+               segment_ids: Tensor | None = None) -> Tensor:
+        """input_ids (B, S) -> (B, S, C). No sqrt(d_model) input scaling, no absolute positions."""
+        return self.encoder(self.shared(input_ids), attention_mask, segment_ids)
+
+    def decode(self, decoder_input_ids: Tensor, memory: Tensor | None = None, memory_mask: Tensor | None = None,
+               **kw) -> Tensor:
+        """decoder_input_ids (B, T) -> hidden (B, T, C); kw as Decoder.forward."""
+        return self.decoder(self.shared(decoder_input_ids), memory, memory_mask, **kw)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """(B, T, C) -> (B, T, V). The d_model**-0.5 rescale belongs to tied v1.0 models only."""
+        if self.config.scale_decoder_outputs:
+            hidden = hidden * self.config.d_model ** -0.5
+        return F.linear(hidden, self.shared.weight) if self.lm_head is None else self.lm_head(hidden)
+
+    def new_cache(self, memory: Tensor, memory_mask: Tensor | None, max_len: int) -> DecodeCache:
+        return DecodeCache(self.decoder, memory, memory_mask, max_len)
+
+    def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, attention_mask: Tensor | None = None,
+                decoder_attention_mask: Tensor | None = None, segment_ids: Tensor | None = None,
+                decoder_segment_ids: Tensor | None = None) -> Tensor:
+        """-> logits (B, T, V). segment_ids / decoder_segment_ids: packed examples (data.py)."""
+        memory = self.encode(input_ids, attention_mask, segment_ids)
+        hidden = self.decode(decoder_input_ids, memory, attention_mask, attention_mask=decoder_attention_mask,
+                             segment_ids=decoder_segment_ids, memory_segment_ids=segment_ids)
+        return self.logits(hidden)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Mesh TF / t5x initialisation for training from scratch (HF T5PreTrainedModel._init_weights
+        agrees): embedding std 1; q (C*D)^-0.5; k, v C^-0.5; o (H*D)^-0.5; wi C^-0.5; wo F^-0.5;
+        relative bias C^-0.5; norms 1. Untied lm_head: C^-0.5, t5x's variance-scaling fan-in init of
+        `logits_dense` (HF and nanoT5 use 1.0; see t5x#1477, HF PR #26441)."""
+        c = self.config
+        std = {"q": (c.d_model * c.d_kv) ** -0.5, "k": c.d_model ** -0.5, "v": c.d_model ** -0.5,
+               "o": c.inner_dim ** -0.5, "wi": c.d_model ** -0.5, "wi_0": c.d_model ** -0.5,
+               "wi_1": c.d_model ** -0.5, "wo": c.d_ff ** -0.5}
+        for name, p in self.named_parameters():
+            leaf = name.split(".")[-2]
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name == "shared.weight":
+                p.normal_(0.0, 1.0, generator=generator)
+            elif name == "lm_head.weight" or leaf == "rel_bias":
+                p.normal_(0.0, c.d_model ** -0.5, generator=generator)
+            else:
+                p.normal_(0.0, std[leaf], generator=generator)
