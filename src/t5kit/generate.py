@@ -201,3 +201,52 @@ def generate_uncached(model: T5, input_ids: Tensor, attention_mask: Tensor | Non
         if done.all():
             break
     return seq[:, 1:]
+
+
+@dataclass
+class TextResult:
+    index: int  # position in the input
+    outputs: list[str]  # num_return_sequences texts, best first
+    error: str | None = None
+    new_tokens: int = 0
+
+
+def generate_texts(model: T5, tok, texts: list[str], batch_size: int = 16, max_input_tokens: int = 512,
+                   truncate: bool = True, progress: bool = False, warn=None, **kw) -> list[TextResult]:
+    """Prompts -> TextResult per prompt, in input order. Batches are formed from prompts sorted by
+    length (less padding), then the original order is restored. A bad prompt (empty, too long with
+    truncate=False) gets an error and the others still get their outputs."""
+    from tqdm import tqdm
+
+    cfg = GenerationConfig(**kw)
+    results: list[TextResult | None] = [None] * len(texts)
+    encoded = []
+    for i, text in enumerate(texts):
+        ids = tok.encode(text) if text.strip() else None
+        if ids is None:
+            results[i] = TextResult(i, [], "empty prompt")
+        elif len(ids) > max_input_tokens and not truncate:
+            results[i] = TextResult(i, [], f"prompt has {len(ids)} tokens, more than --max-input-tokens "
+                                           f"{max_input_tokens} (--no-truncate)")
+        else:
+            if len(ids) > max_input_tokens:
+                if warn:
+                    warn(f"prompt {i + 1}: {len(ids)} tokens truncated to {max_input_tokens}")
+                ids = ids[:max_input_tokens - 1] + [tok.eos_id]
+            encoded.append((i, ids))
+    encoded.sort(key=lambda x: -len(x[1]))
+    device = model.shared.weight.device
+    bar = tqdm(total=len(encoded), disable=not progress, unit="prompt", desc="generate")
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = max(len(ids) for _, ids in chunk)
+        input_ids = torch.tensor([ids + [tok.pad_id] * (width - len(ids)) for _, ids in chunk], device=device)
+        mask = (torch.arange(width, device=device)[None] < torch.tensor([len(ids) for _, ids in chunk], device=device)[:, None]).long()
+        out = generate(model, input_ids, mask, config=cfg).cpu()
+        r = cfg.num_return_sequences
+        for j, (i, _) in enumerate(chunk):
+            rows = out[j * r:(j + 1) * r]
+            results[i] = TextResult(i, tok.decode_batch(rows), new_tokens=int((rows != tok.pad_id).sum()))
+        bar.update(len(chunk))
+    bar.close()
+    return results

@@ -143,7 +143,8 @@ class FeedForward(nn.Module):
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
         h = self.drop(h)
         # HF keeps `wo` in fp32 under half precision (_keep_in_fp32_modules) and casts to it.
-        return self.wo(h.to(self.wo.weight.dtype) if self.wo.weight.is_floating_point() else h)
+        w = self.wo.weight  # a method, not a Tensor, once quantized
+        return self.wo(h.to(w.dtype) if isinstance(w, Tensor) and w.is_floating_point() else h)
 
 
 def _clamp_fp16(x: Tensor) -> Tensor:

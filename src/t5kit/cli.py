@@ -1,0 +1,170 @@
+"""`t5kit` command line: argparse subcommands. The only module that reads argv; imported by nothing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _err(msg: str) -> None:
+    print(f"t5kit: {msg}", file=sys.stderr)
+
+
+def _read_prompts(path: str) -> tuple[list[str], dict[int, str]]:
+    """Lines of a file (or '-' for stdin) decoded one by one, so a bad line names itself and the
+    others survive. -> (texts, {index: error})."""
+    raw = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    texts, errors = [], {}
+    for n, line in enumerate(raw.splitlines()):
+        try:
+            texts.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            texts.append("")
+            errors[n] = f"{path}: line {n + 1} is not UTF-8 (byte offset {e.start} in the line)"
+    return texts, errors
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .generate import generate_texts
+    from .hf import resolve_dtype
+    from .model import T5
+    from .tokenizer import Tokenizer
+
+    if not args.prompt and args.input is None:
+        _err("give a prompt or --input FILE (or - for stdin)")
+        return 2
+    if args.prompt and args.input is not None:
+        _err("give prompts or --input, not both")
+        return 2
+    try:
+        texts, errors = _read_prompts(args.input) if args.input is not None else (list(args.prompt), {})
+    except FileNotFoundError:
+        _err(f"{args.input}: input file not found")
+        return 2
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    try:
+        model = T5.from_pretrained(args.model, dtype=resolve_dtype(args.dtype), device=args.device)
+        tok = Tokenizer.from_pretrained(args.model)
+        tok.check_model_vocab(model.config.vocab_size, f"{args.model}/config.json")
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        _err(str(e))
+        return 2
+    if args.quantize == "int8":
+        from .quantize import quantize_int8
+        model = quantize_int8(model)
+    kw = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
+              do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              length_penalty=args.length_penalty, early_stopping=args.early_stopping,
+              num_return_sequences=args.num_return_sequences, no_repeat_ngram_size=args.no_repeat_ngram_size,
+              repetition_penalty=args.repetition_penalty)
+    good = [i for i in range(len(texts)) if i not in errors]
+    t0 = time.perf_counter()
+    try:
+        results = generate_texts(model, tok, [texts[i] for i in good], batch_size=args.batch_size,
+                                 max_input_tokens=args.max_input_tokens, truncate=not args.no_truncate,
+                                 progress=args.input is not None and sys.stderr.isatty() or args.progress,
+                                 warn=lambda m: _err("warning: " + m), **kw)
+    except ValueError as e:
+        _err(str(e))
+        return 2
+    elapsed = time.perf_counter() - t0
+    lines, failed = [], 0
+    by_index = dict(zip(good, results))
+    for i in range(len(texts)):
+        r = by_index.get(i)
+        error = errors.get(i) or (r.error and f"{args.input or 'prompt'}: line {i + 1}: {r.error}")
+        if error:
+            failed += 1
+            _err(error)
+        if args.json:
+            lines.append(json.dumps({"line": i + 1, "input": texts[i], "outputs": [] if error else r.outputs,
+                                     **({"error": error} if error else {})}, ensure_ascii=False))
+        else:
+            lines.extend([""] * args.num_return_sequences if error else r.outputs)
+    text = "".join(line + "\n" for line in lines)
+    if args.output:
+        from .atomic import write_text
+        write_text(args.output, text)
+    else:
+        sys.stdout.write(text)
+    new_tokens = sum(r.new_tokens for r in results)
+    _err(f"{len(texts) - failed}/{len(texts)} prompts, {new_tokens} new tokens in {elapsed:.2f}s "
+         f"({new_tokens / max(elapsed, 1e-9):.1f} tok/s)")
+    return 1 if failed else 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    import os
+
+    from .tokenizer import train_tokenizer
+
+    for path in args.input:
+        if not os.path.isfile(path):
+            _err(f"{path}: input file not found")
+            return 2
+    tok = train_tokenizer(args.input, args.vocab_size, args.out, extra_ids=args.extra_ids)
+    _err(f"wrote {args.out}: {tok.vocab_size} ids ({args.vocab_size} pieces + {args.extra_ids} sentinels)")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from prompts with a T5 checkpoint",
+                       description="Generate from prompts (arguments, or one per line of --input). "
+                                   "Prints one output per line (JSONL with --json).")
+    p.add_argument("prompt", nargs="*", help="prompt texts")
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id (config.json + weights + tokenizer)")
+    p.add_argument("--input", help="file with one prompt per line, or - for stdin")
+    p.add_argument("--output", help="write outputs here (atomically) instead of stdout")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / len**penalty")
+    p.add_argument("--early-stopping", type=lambda s: {"true": True, "false": False, "never": "never"}[s.lower()],
+                   default=False, help="true | false | never (transformers' meaning)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-input-tokens", type=int, default=512, help="longer prompts are truncated (with a warning)")
+    p.add_argument("--no-truncate", action="store_true", help="reject prompts longer than --max-input-tokens")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights for CPU inference")
+    p.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a terminal")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_tokenizer(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer with T5 ids")
+    tsub = p.add_subparsers(dest="tokenizer_cmd", required=True)
+    t = tsub.add_parser("train", help="train a unigram SentencePiece model plus sentinels",
+                        description="Writes spiece.model, tokenizer.json and tokenizer_config.json into --out.")
+    t.add_argument("--input", nargs="+", required=True, help="text files, one sentence per line")
+    t.add_argument("--vocab-size", type=int, required=True, help="SentencePiece pieces (sentinels come on top)")
+    t.add_argument("--extra-ids", type=int, default=100, help="sentinels <extra_id_N> at the top of the vocabulary")
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t5kit", description="T5-family models: generate, tokenize, pretrain.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_generate(sub)
+    _add_tokenizer(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
