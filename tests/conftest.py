@@ -86,3 +86,44 @@ def padded_batch(vocab: int, lengths=(150, 100, 31), seed: int = 0):
     ids = ids * mask
     ids[torch.arange(len(lengths)), torch.tensor(lengths) - 1] = 1
     return ids, mask
+
+
+COPY_WORDS = ["cat", "dog", "bird", "fish", "horse", "mouse", "tiger", "lion", "zebra", "snake", "whale", "eagle"]
+
+
+def copy_batch(gen, n: int):
+    """Copy task on ByT5 bytes: 'copy: w1 w2' -> 'w1 w2'. Returns (inputs, targets) text lists."""
+    import random
+    rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    targets = [" ".join(rng.choice(COPY_WORDS) for _ in range(rng.randint(1, 3))) for _ in range(n)]
+    return ["copy: " + t for t in targets], targets
+
+
+@pytest.fixture(scope="session")
+def copy_model_dir(tmp_path_factory):
+    """A tiny ByT5-vocab T5 trained here to copy words, so it emits EOS at varying lengths: beam
+    search, stopping and cache bugs show up (random-init models just repeat one token)."""
+    import t5kit
+    from t5kit.tokenizer import Tokenizer
+    torch.manual_seed(0)
+    tok = Tokenizer.byt5()
+    cfg = t5kit.get_preset("tiny").replace(vocab_size=384, dropout_rate=0.0, d_model=64, d_ff=128, num_layers=2,
+                                           num_decoder_layers=2)
+    model = t5kit.T5(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        src, tgt = copy_batch(gen, 32)
+        ids, mask = tok.encode_batch(src)
+        labels, lmask = tok.encode_batch(tgt)
+        dec = torch.cat([torch.zeros(len(tgt), 1, dtype=torch.long), labels[:, :-1]], 1)
+        logits = model(ids, dec, mask)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.masked_fill(lmask == 0, -100).flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    folder = tmp_path_factory.mktemp("copy")
+    model.save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "ByT5Tokenizer"}')
+    return folder
