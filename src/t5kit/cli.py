@@ -157,11 +157,178 @@ def _add_tokenizer(sub) -> None:
     t.set_defaults(func=cmd_tokenizer_train)
 
 
+# Megatron-LM pretrain_t5.py flags -> (T5Config / run field, type). Same names, same meaning.
+MEGATRON_MODEL = {"encoder_num_layers": "num_layers", "decoder_num_layers": "num_decoder_layers",
+                  "hidden_size": "d_model", "num_attention_heads": "num_heads", "kv_channels": "d_kv",
+                  "ffn_hidden_size": "d_ff"}
+PRETRAIN_DEFAULTS = dict(
+    encoder_num_layers=None, decoder_num_layers=None, hidden_size=None, num_attention_heads=None, kv_channels=None,
+    ffn_hidden_size=None, seq_length=512, decoder_seq_length=None, max_position_embeddings=None, data_path=None,
+    vocab_extra_ids=100, micro_batch_size=8, global_batch_size=None, lr=1e-3, min_lr=0.0, lr_decay_style="cosine",
+    lr_warmup_iters=100, train_iters=1000, weight_decay=0.0, clip_grad=1.0, bf16=False, seed=1234, save=None,
+    load=None, save_interval=500, eval_interval=100, eval_iters=4, model_preset=None, model=None, tokenizer=None,
+    optimizer="adamw", device="cpu", vocab_size=2000, z_loss=0.0, workers=1, skip_bad_lines=False, log_interval=10)
+DEMO = dict(model_preset="tiny", seq_length=128, micro_batch_size=16, train_iters=400, lr=3e-3, lr_warmup_iters=40,
+            eval_interval=50, save_interval=100, save="runs/demo")
+
+
+def _resolve_pretrain(args) -> dict:
+    """defaults < (embedded-corpus demo defaults) < TOML recipe < CLI flags."""
+    import tomllib
+
+    recipe = {}
+    if args.config:
+        try:
+            with open(args.config, "rb") as f:
+                recipe = {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"{args.config}: cannot read TOML recipe ({e})") from None
+        unknown = set(recipe) - set(PRETRAIN_DEFAULTS)
+        if unknown:
+            raise ValueError(f"{args.config}: unknown keys {sorted(unknown)}; expected flags of `t5kit pretrain --help`")
+    cli = {k: v for k, v in vars(args).items() if k in PRETRAIN_DEFAULTS and v is not None}
+    embedded = "data_path" not in {**recipe, **cli}
+    return {**PRETRAIN_DEFAULTS, **(DEMO if embedded else {}), **recipe, **cli, "embedded": embedded}
+
+
+def cmd_pretrain(args) -> int:
+    import os
+
+    import torch
+
+    from .config import get_preset
+    from .data import (DataConfig, SpanCorruptionBatches, TokenStore, build_token_store,
+                       write_embedded_corpus)
+    from .hf import resolve_dtype  # noqa: F401  (dtype names shared with generate)
+    from .model import T5
+    from .optim import OptimConfig
+    from .tokenizer import Tokenizer, train_tokenizer
+    from .train import TrainConfig, train, write_run_config
+
+    try:
+        r = _resolve_pretrain(args)
+        out = r["save"] or "runs/pretrain"
+        if r["max_position_embeddings"] is not None and r["max_position_embeddings"] < r["seq_length"]:
+            raise ValueError(f"--max-position-embeddings {r['max_position_embeddings']} < --seq-length "
+                             f"{r['seq_length']} (T5 uses relative positions; the flag is only checked)")
+        # data: an existing token store, text files to tokenize, or the embedded corpus
+        paths = [] if r["embedded"] else list(r["data_path"]) if isinstance(r["data_path"], list) else [r["data_path"]]
+        store_dir = paths[0] if len(paths) == 1 and os.path.isfile(os.path.join(paths[0], "header.json")) else None
+        tok_dir = r["tokenizer"] or (r["model"] if r["model"] else None)
+        if r["embedded"]:
+            corpus = os.path.join(out, "corpus.txt")
+            n_docs = write_embedded_corpus(corpus)
+            _err(f"embedded corpus: {n_docs} chapters (King James + World English Bible) -> {corpus}")
+            paths = [corpus]
+        if tok_dir:
+            tok = Tokenizer.from_pretrained(tok_dir)
+        else:
+            tok_dir = os.path.join(out, "tokenizer")
+            _err(f"training a {r['vocab_size']}-piece SentencePiece tokenizer -> {tok_dir}")
+            tok = train_tokenizer(paths, r["vocab_size"], tok_dir, extra_ids=r["vocab_extra_ids"])
+        if store_dir is None:
+            store_dir = os.path.join(out, "data")
+            build_token_store(paths, tok, store_dir, workers=r["workers"], skip_bad_lines=r["skip_bad_lines"])
+        store = TokenStore(store_dir, tok)
+        # model
+        if r["model"]:
+            model = T5.from_pretrained(r["model"])
+            cfg = model.config
+        else:
+            base = get_preset(r["model_preset"] or "t5-v1_1-base")
+            shape = {MEGATRON_MODEL[k]: r[k] for k in MEGATRON_MODEL if r[k] is not None}
+            if "num_layers" in shape and "num_decoder_layers" not in shape:
+                shape["num_decoder_layers"] = shape["num_layers"]
+            cfg = base.replace(vocab_size=-(-len(tok) // 128) * 128, dropout_rate=0.0, **shape)
+            model = T5(cfg)
+            torch.manual_seed(r["seed"])
+            model.init_weights()
+        tok.check_model_vocab(cfg.vocab_size, "model")
+        # hold out ~2% of segments for eval, disjoint from training
+        dcfg = DataConfig(inputs_length=r["seq_length"], seed=r["seed"])
+        tokens = store.tokens
+        split = int(len(tokens) * 0.98)
+        batches = SpanCorruptionBatches(tokens[:split], dcfg, tok.sentinel_id(0), r["micro_batch_size"],
+                                        eos=tok.eos_id, pad=tok.pad_id)
+        eval_batches = SpanCorruptionBatches(tokens[split:], dcfg, tok.sentinel_id(0), min(r["micro_batch_size"], 4),
+                                             eos=tok.eos_id, pad=tok.pad_id)
+        if r["decoder_seq_length"] is not None and r["decoder_seq_length"] < batches.targets_length:
+            raise ValueError(f"--decoder-seq-length {r['decoder_seq_length']} < {batches.targets_length}, the "
+                             f"targets length span corruption gives for --seq-length {r['seq_length']}")
+        tcfg = TrainConfig(out=out, steps=r["train_iters"], micro_batch=r["micro_batch_size"],
+                           global_batch=r["global_batch_size"] or r["micro_batch_size"], clip_grad=r["clip_grad"],
+                           z_loss=r["z_loss"], bf16=r["bf16"], eval_interval=r["eval_interval"],
+                           eval_iters=r["eval_iters"], save_interval=r["save_interval"], seed=r["seed"],
+                           log_interval=r["log_interval"])
+        ocfg = OptimConfig(name=r["optimizer"], lr=r["lr"], min_lr=r["min_lr"], schedule=r["lr_decay_style"],
+                           warmup_steps=r["lr_warmup_iters"], total_steps=r["train_iters"],
+                           weight_decay=r["weight_decay"])
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        _err(str(e))
+        return 2
+    write_run_config(out, model=cfg.to_hf_json(), train=tcfg, optim=ocfg, data=dcfg, flags=r)
+    print(json.dumps({"model": cfg.to_hf_json(), "train": vars(args) and r}, indent=1, default=str), file=sys.stderr)
+    _err(f"parameters: {cfg.num_params():,}; raw segment {batches.raw_len} -> inputs {dcfg.inputs_length}, "
+         f"targets {batches.targets_length}; {batches.n_segments} training segments")
+    try:
+        row = train(model, batches, eval_batches, tcfg, ocfg, tokenizer=tok, resume=r["load"], device=r["device"])
+    except (FileNotFoundError, ValueError) as e:
+        _err(str(e))
+        return 2
+    _err(f"done: step {row.get('step')}, loss {row.get('loss', float('nan')):.4f}"
+         + (f", eval loss {row['eval_loss']:.4f}" if "eval_loss" in row else "") + f"; weights in {out}/final")
+    return 0
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a T5 with span corruption (Megatron pretrain_t5.py flags)",
+                       description="Span-corruption pretraining. With no --data-path it trains on the embedded "
+                                   "public-domain corpus (needs the [demo] extra) after training its own tokenizer.")
+    p.add_argument("--config", help="TOML recipe; its keys are these flags' names (CLI flags win)")
+    for flag, default in PRETRAIN_DEFAULTS.items():
+        name = "--" + flag.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(name, action="store_true", default=None)
+        elif flag == "data_path":
+            p.add_argument(name, nargs="+", default=None, help="token store dir, or .txt / .jsonl / .parquet files")
+        else:
+            kind = type(default) if default is not None else (
+                int if flag in MEGATRON_MODEL or flag.endswith(("length", "embeddings", "size")) else str)
+            p.add_argument(name, type=kind, default=None, help=f"default: {default}")
+    p.set_defaults(func=cmd_pretrain)
+
+
+def cmd_preprocess(args) -> int:
+    from .data import build_token_store
+    from .tokenizer import Tokenizer
+    try:
+        tok = Tokenizer.from_pretrained(args.tokenizer)
+        header = build_token_store(args.input, tok, args.out, workers=args.workers, skip_bad_lines=args.skip_bad_lines)
+    except (FileNotFoundError, ValueError) as e:
+        _err(str(e))
+        return 2
+    _err(f"wrote {args.out}: {header['n_tokens']:,} tokens in {header['n_docs']:,} documents"
+         + (f" ({header['skipped_lines']} bad lines skipped)" if header["skipped_lines"] else ""))
+    return 0
+
+
+def _add_preprocess(sub) -> None:
+    p = sub.add_parser("preprocess", help="tokenize corpora into a memory-mapped token store")
+    p.add_argument("--input", nargs="+", required=True, help=".txt (one document per line), .jsonl, .parquet")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) lines that are not UTF-8")
+    p.set_defaults(func=cmd_preprocess)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t5kit", description="T5-family models: generate, tokenize, pretrain.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_generate(sub)
     _add_tokenizer(sub)
+    _add_preprocess(sub)
+    _add_pretrain(sub)
     return parser
 
 

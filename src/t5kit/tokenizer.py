@@ -132,6 +132,17 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def fingerprint(self) -> str:
+        """Identity of the id mapping, recorded in token stores: kind, size, hash of the vocabulary."""
+        import hashlib
+        if self.kind == "sentencepiece":
+            blob = self.backend.model_bytes
+        elif self.kind == "tokenizers":
+            blob = self.backend.tk.to_str().encode()
+        else:
+            blob = b"byt5"
+        return f"{self.kind}:{self.vocab_size}:{hashlib.sha256(blob).hexdigest()[:16]}"
+
     # ---- ids ----
 
     def sentinel_id(self, i: int) -> int:

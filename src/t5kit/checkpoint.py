@@ -1,0 +1,64 @@
+"""Training checkpoints: model, optimizer, step, data-iterator state and RNG states in one file,
+written atomically (a full disk or a kill mid-write leaves the previous checkpoint intact); the
+last `keep` are kept. Final weights are exported in the HF layout through hf.py."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path
+from .config import T5Config
+
+PATTERN = re.compile(r"step_(\d+)\.pt$")
+
+
+def save(folder: str, step: int, model, optimizer, data_state: dict, keep: int = 3) -> str:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{step:08d}.pt")
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "config": model.config.to_hf_json(), "data": data_state,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                     **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    for old in sorted(list_checkpoints(folder))[:-keep]:
+        os.remove(old)
+    return path
+
+
+def list_checkpoints(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if PATTERN.search(f))
+
+
+def load(path_or_folder: str, model, optimizer) -> tuple[int, dict]:
+    """Restore model, optimizer and RNG states; -> (step, data_state). The model shape must match."""
+    path = path_or_folder
+    if os.path.isdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"{path}: no checkpoints (step_*.pt) to resume from")
+        path = found[-1]
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = T5Config.from_hf_json(state["config"], source=path)
+    diff = [f"{k}: checkpoint {getattr(saved, k)} vs run {getattr(model.config, k)}"
+            for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+                      "feed_forward_proj", "tie_word_embeddings", "model_type")
+            if getattr(saved, k) != getattr(model.config, k)]
+    if diff:
+        raise ValueError(f"{path}: checkpoint is for a different model shape ({'; '.join(diff)})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["step"], state["data"]
