@@ -1,0 +1,146 @@
+"""Pretraining: data pipeline, exact resume after kill -9, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from t5kit.cli import main
+from t5kit.data import DataConfig, SpanCorruptionBatches, TokenStore, build_token_store
+from t5kit.tokenizer import Tokenizer, train_tokenizer
+from t5kit.train import TrainConfig
+
+WORDS = "in the beginning god created heaven and earth light darkness waters day night evening morning".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    (d / "c.txt").write_text("\n".join(" ".join(rng.choice(WORDS, 40)) for _ in range(300)) + "\n")
+    train_tokenizer([str(d / "c.txt")], 30, str(d / "tok"))
+    return d
+
+
+def test_batches_deterministic_resumable_and_sharded(corpus, tmp_path):
+    tok = Tokenizer.from_pretrained(corpus / "tok")
+    build_token_store([str(corpus / "c.txt")], tok, str(tmp_path / "store"), progress=False)
+    store = TokenStore(str(tmp_path / "store"), tok)
+    make = lambda rank=0, world=1: SpanCorruptionBatches(store.tokens, DataConfig(inputs_length=32), tok.sentinel_id(0),  # noqa: E731
+                                                         4, rank=rank, world=world)
+    a = make()
+    first = [next(a) for _ in range(3)]
+    b = make()
+    b.load_state({"epoch": 0, "position": 4})
+    resumed = next(b)
+    assert all(np.array_equal(first[1][k], resumed[k]) for k in first[1])
+    assert first[0]["input_ids"].shape == (4, 32) and first[0]["labels"].shape == (4, make().targets_length)
+    r0, r1 = make(0, 2), make(1, 2)
+    assert not set(r0._order(0)) & set(r1._order(0))  # ranks never overlap
+    assert len(set(r0._order(0)) | set(r1._order(0))) == r0.n_segments
+
+
+def test_store_rejects_other_tokenizer(corpus, tmp_path):
+    tok = Tokenizer.from_pretrained(corpus / "tok")
+    build_token_store([str(corpus / "c.txt")], tok, str(tmp_path / "s"), progress=False)
+    with pytest.raises(ValueError, match="built with tokenizer sentencepiece:.*rebuild it"):
+        TokenStore(str(tmp_path / "s"), Tokenizer.byt5())
+
+
+def test_empty_corpus_and_bad_utf8(corpus, tmp_path):
+    tok = Tokenizer.from_pretrained(corpus / "tok")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="empty corpus: no text in .*empty.txt"):
+        build_token_store([str(tmp_path / "empty.txt")], tok, str(tmp_path / "s1"), progress=False)
+    (tmp_path / "bad.txt").write_bytes(b"good line\nbad \xff line\nmore\n")
+    with pytest.raises(ValueError, match=r"bad.txt: line 2 is not UTF-8 \(byte offset 14\)"):
+        build_token_store([str(tmp_path / "bad.txt")], tok, str(tmp_path / "s2"), progress=False)
+    header = build_token_store([str(tmp_path / "bad.txt")], tok, str(tmp_path / "s3"), skip_bad_lines=True, progress=False)
+    assert header["skipped_lines"] == 1 and header["n_docs"] == 2
+
+
+def test_global_batch_must_divide():
+    with pytest.raises(ValueError, match="global batch 10 is not divisible by micro batch 4 x world size 1"):
+        TrainConfig(micro_batch=4, global_batch=10)
+
+
+def _pretrain_args(corpus, out, iters, extra=()):
+    return ["pretrain", "--data-path", str(corpus / "c.txt"), "--tokenizer", str(corpus / "tok"), "--model-preset",
+            "tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters",
+            str(iters), "--lr-warmup-iters", "2", "--eval-interval", "0", "--save-interval", "2", "--log-interval",
+            "1", "--save", str(out), "--seed", "7", *extra]
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_matches_uninterrupted(corpus, tmp_path):
+    full = tmp_path / "full"
+    assert main(_pretrain_args(corpus, full, 8)) == 0
+    ref = _losses(full)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "t5kit", *_pretrain_args(corpus, run, 8)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts.exists() and any(ckpts.glob("step_00000004.pt"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(ckpts.glob("step_*.pt"))
+    assert main(_pretrain_args(corpus, run, 8, ["--load", str(ckpts)])) == 0
+    got = _losses(run)  # rows after the resume point overwrite nothing: the log is appended
+    resumed = [json.loads(l) for l in open(run / "metrics.jsonl")]
+    last = {}
+    for r in resumed:
+        last[r["step"]] = r["loss"]
+    for step in range(5, 9):
+        assert abs(last[step] - ref[step]) <= 1e-6, (step, last[step], ref[step])
+    assert got and (run / "final" / "model.safetensors").exists() and (run / "final" / "spiece.model").exists()
+
+
+def test_resume_with_other_shape_is_an_error(corpus, tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main(_pretrain_args(corpus, out, 2)) == 0
+    rc = main(_pretrain_args(corpus, tmp_path / "b", 4, ["--hidden-size", "32", "--load", str(out / "checkpoints")]))
+    assert rc == 2 and "different model shape (d_model: checkpoint 64 vs run 32)" in capsys.readouterr().err
+
+
+def test_megatron_example_flags_parse(corpus, tmp_path, capsys):
+    """The issue's example command, shrunk only in iterations: the shape flags take effect."""
+    rc = main(["pretrain", "--encoder-num-layers", "2", "--decoder-num-layers", "2", "--hidden-size", "64",
+               "--num-attention-heads", "4", "--kv-channels", "16", "--seq-length", "32", "--max-position-embeddings",
+               "32", "--data-path", str(corpus / "c.txt"), "--tokenizer", str(corpus / "tok"), "--train-iters", "1",
+               "--micro-batch-size", "2", "--save", str(tmp_path / "m"), "--eval-interval", "0"])
+    assert rc == 0
+    cfg = json.load(open(tmp_path / "m" / "final" / "config.json"))
+    assert (cfg["num_layers"], cfg["d_model"], cfg["num_heads"], cfg["d_kv"]) == (2, 64, 4, 16)
+    assert json.load(open(tmp_path / "m" / "run_config.json"))["flags"]["hidden_size"] == 64
+    assert main(["pretrain", "--seq-length", "64", "--max-position-embeddings", "32", "--data-path",
+                 str(corpus / "c.txt"), "--save", str(tmp_path / "x")]) == 2
+    assert "--max-position-embeddings 32 < --seq-length 64" in capsys.readouterr().err
+
+
+def test_checkpoint_write_failure_keeps_previous(corpus, tmp_path, monkeypatch):
+    """A full disk mid-save: the previous checkpoint survives and no temp file is left."""
+    import torch
+
+    from t5kit import checkpoint
+    out = tmp_path / "r"
+    assert main(_pretrain_args(corpus, out, 2)) == 0
+    before = sorted(os.listdir(out / "checkpoints"))
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    model = __import__("t5kit").T5.from_pretrained(out / "final")
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(str(out / "checkpoints"), 99, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
+    assert sorted(os.listdir(out / "checkpoints")) == before
