@@ -168,8 +168,8 @@ PRETRAIN_DEFAULTS = dict(
     lr_warmup_iters=100, train_iters=1000, weight_decay=0.0, clip_grad=1.0, bf16=False, seed=1234, save=None,
     load=None, save_interval=500, eval_interval=100, eval_iters=4, model_preset=None, model=None, tokenizer=None,
     optimizer="adamw", device="cpu", vocab_size=2000, z_loss=0.0, workers=1, skip_bad_lines=False, log_interval=10)
-DEMO = dict(model_preset="tiny", seq_length=128, micro_batch_size=16, train_iters=400, lr=3e-3, lr_warmup_iters=40,
-            eval_interval=50, save_interval=100, save="runs/demo")
+DEMO = dict(model_preset="tiny", seq_length=128, micro_batch_size=16, train_iters=1500, lr=3e-3, lr_warmup_iters=100,
+            eval_interval=100, save_interval=500, save="runs/demo")
 
 
 def _resolve_pretrain(args) -> dict:
@@ -269,7 +269,8 @@ def cmd_pretrain(args) -> int:
     write_run_config(out, model=cfg.to_hf_json(), train=tcfg, optim=ocfg, data=dcfg, flags=r)
     print(json.dumps({"model": cfg.to_hf_json(), "train": vars(args) and r}, indent=1, default=str), file=sys.stderr)
     _err(f"parameters: {cfg.num_params():,}; raw segment {batches.raw_len} -> inputs {dcfg.inputs_length}, "
-         f"targets {batches.targets_length}; {batches.n_segments} training segments")
+         f"targets {batches.targets_length}; {batches.n_segments} training segments; unigram baseline "
+         f"{unigram_entropy(tokens[:split]):.3f} nats/token")
     try:
         row = train(model, batches, eval_batches, tcfg, ocfg, tokenizer=tok, resume=r["load"], device=r["device"])
     except (FileNotFoundError, ValueError) as e:
@@ -278,6 +279,14 @@ def cmd_pretrain(args) -> int:
     _err(f"done: step {row.get('step')}, loss {row.get('loss', float('nan')):.4f}"
          + (f", eval loss {row['eval_loss']:.4f}" if "eval_loss" in row else "") + f"; weights in {out}/final")
     return 0
+
+
+def unigram_entropy(tokens) -> float:
+    """Entropy (nats) of the corpus' token frequencies: the loss of a model that ignores context."""
+    import numpy as np
+    p = np.bincount(np.asarray(tokens)).astype(np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def _add_pretrain(sub) -> None:
