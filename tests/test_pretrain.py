@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from t5kit.cli import main
-from t5kit.data import DataConfig, SpanCorruptionBatches, TokenStore, build_token_store
+from t5kit.spans import random_spans_helper
+from t5kit.data import DataConfig, SpanCorruptionBatches, TokenStore, build_token_store, raw_segments
 from t5kit.tokenizer import Tokenizer, train_tokenizer
 from t5kit.train import TrainConfig
 
@@ -31,8 +32,10 @@ def test_batches_deterministic_resumable_and_sharded(corpus, tmp_path):
     tok = Tokenizer.from_pretrained(corpus / "tok")
     build_token_store([str(corpus / "c.txt")], tok, str(tmp_path / "store"), progress=False)
     store = TokenStore(str(tmp_path / "store"), tok)
-    make = lambda rank=0, world=1: SpanCorruptionBatches(store.tokens, DataConfig(inputs_length=32), tok.sentinel_id(0),  # noqa: E731
-                                                         4, rank=rank, world=world)
+    raw_len = random_spans_helper(32)[0]
+    segments = raw_segments(store.offsets, raw_len)
+    make = lambda rank=0, world=1, pack=True: SpanCorruptionBatches(  # noqa: E731
+        store.tokens, segments, DataConfig(inputs_length=32), tok.sentinel_id(0), 4, rank=rank, world=world, pack=pack)
     a = make()
     first = [next(a) for _ in range(3)]
     b = make()
@@ -42,7 +45,31 @@ def test_batches_deterministic_resumable_and_sharded(corpus, tmp_path):
     assert first[0]["input_ids"].shape == (4, 32) and first[0]["labels"].shape == (4, make().targets_length)
     r0, r1 = make(0, 2), make(1, 2)
     assert not set(r0._order(0)) & set(r1._order(0))  # ranks never overlap
-    assert len(set(r0._order(0)) | set(r1._order(0))) == r0.n_segments
+    assert len(set(r0._order(0)) | set(r1._order(0))) == len(segments)
+    dropped = make(pack=False)
+    assert (dropped.segments[:, 1] == raw_len).all() and len(dropped.segments) < len(segments)
+    assert "segment_ids" not in next(dropped)
+
+
+def test_packed_rows_hold_whole_examples_with_their_own_segments(corpus, tmp_path):
+    tok = Tokenizer.from_pretrained(corpus / "tok")
+    build_token_store([str(corpus / "c.txt")], tok, str(tmp_path / "store"), progress=False)
+    store = TokenStore(str(tmp_path / "store"), tok)
+    segments = raw_segments(store.offsets, random_spans_helper(64)[0], group_docs=2)  # many short group tails to pack
+    it = SpanCorruptionBatches(store.tokens, segments, DataConfig(inputs_length=64), tok.sentinel_id(0), 8)
+    packed_rows = 0
+    for _ in range(20):
+        b = next(it)
+        for r in range(8):
+            seg, dseg = b["segment_ids"][r], b["decoder_segment_ids"][r]
+            n = seg.max()
+            packed_rows += n > 1
+            for k in range(1, n + 1):
+                ins, tgt = b["input_ids"][r][seg == k], b["labels"][r][dseg == k]
+                assert ins[-1] == 1 and tgt[-1] == 1 and tgt[0] == tok.sentinel_id(0)  # whole examples
+                assert b["decoder_input_ids"][r][dseg == k][0] == 0  # each segment starts its own decoder
+            assert (b["labels"][r][dseg == 0] == -100).all() and (b["input_ids"][r][seg == 0] == 0).all()
+    assert packed_rows > 0
 
 
 def test_store_rejects_other_tokenizer(corpus, tmp_path):

@@ -167,7 +167,8 @@ PRETRAIN_DEFAULTS = dict(
     vocab_extra_ids=100, micro_batch_size=8, global_batch_size=None, lr=1e-3, min_lr=0.0, lr_decay_style="cosine",
     lr_warmup_iters=100, train_iters=1000, weight_decay=0.0, clip_grad=1.0, bf16=False, seed=1234, save=None,
     load=None, save_interval=500, eval_interval=100, eval_iters=4, model_preset=None, model=None, tokenizer=None,
-    optimizer="adamw", device="cpu", vocab_size=2000, z_loss=0.0, workers=1, skip_bad_lines=False, log_interval=10)
+    optimizer="adamw", device="cpu", vocab_size=2000, z_loss=0.0, workers=1, skip_bad_lines=False, log_interval=10,
+    drop_remainders=False)
 DEMO = dict(model_preset="tiny", seq_length=128, micro_batch_size=16, train_iters=1500, lr=3e-3, lr_warmup_iters=100,
             eval_interval=100, save_interval=500, save="runs/demo")
 
@@ -197,11 +198,11 @@ def cmd_pretrain(args) -> int:
     import torch
 
     from .config import get_preset
-    from .data import (DataConfig, SpanCorruptionBatches, TokenStore, build_token_store,
+    from .data import (DataConfig, SpanCorruptionBatches, TokenStore, build_token_store, raw_segments,
                        write_embedded_corpus)
-    from .hf import resolve_dtype  # noqa: F401  (dtype names shared with generate)
     from .model import T5
     from .optim import OptimConfig
+    from .spans import random_spans_helper
     from .tokenizer import Tokenizer, train_tokenizer
     from .train import TrainConfig, train, write_run_config
 
@@ -244,14 +245,15 @@ def cmd_pretrain(args) -> int:
             torch.manual_seed(r["seed"])
             model.init_weights()
         tok.check_model_vocab(cfg.vocab_size, "model")
-        # hold out ~2% of segments for eval, disjoint from training
+        # the last ~2% of segments (by corpus position) are held out for eval, disjoint from training
         dcfg = DataConfig(inputs_length=r["seq_length"], seed=r["seed"])
         tokens = store.tokens
-        split = int(len(tokens) * 0.98)
-        batches = SpanCorruptionBatches(tokens[:split], dcfg, tok.sentinel_id(0), r["micro_batch_size"],
-                                        eos=tok.eos_id, pad=tok.pad_id)
-        eval_batches = SpanCorruptionBatches(tokens[split:], dcfg, tok.sentinel_id(0), min(r["micro_batch_size"], 4),
-                                             eos=tok.eos_id, pad=tok.pad_id)
+        segments = raw_segments(store.offsets, random_spans_helper(dcfg.inputs_length)[0])
+        n_eval = max(8, len(segments) // 50)
+        common = dict(eos=tok.eos_id, pad=tok.pad_id, pack=not r["drop_remainders"])
+        batches = SpanCorruptionBatches(tokens, segments[:-n_eval], dcfg, tok.sentinel_id(0), r["micro_batch_size"], **common)
+        eval_batches = SpanCorruptionBatches(tokens, segments[-n_eval:], dcfg, tok.sentinel_id(0),
+                                             min(r["micro_batch_size"], 4), **common)
         if r["decoder_seq_length"] is not None and r["decoder_seq_length"] < batches.targets_length:
             raise ValueError(f"--decoder-seq-length {r['decoder_seq_length']} < {batches.targets_length}, the "
                              f"targets length span corruption gives for --seq-length {r['seq_length']}")
@@ -269,8 +271,9 @@ def cmd_pretrain(args) -> int:
     write_run_config(out, model=cfg.to_hf_json(), train=tcfg, optim=ocfg, data=dcfg, flags=r)
     print(json.dumps({"model": cfg.to_hf_json(), "train": vars(args) and r}, indent=1, default=str), file=sys.stderr)
     _err(f"parameters: {cfg.num_params():,}; raw segment {batches.raw_len} -> inputs {dcfg.inputs_length}, "
-         f"targets {batches.targets_length}; {batches.n_segments} training segments; unigram baseline "
-         f"{unigram_entropy(tokens[:split]):.3f} nats/token")
+         f"targets {batches.targets_length}; {len(batches.segments)} training segments "
+         f"({'short ones packed' if batches.pack else 'short ones dropped'}); unigram baseline "
+         f"{unigram_entropy(tokens):.3f} nats/token")
     try:
         row = train(model, batches, eval_batches, tcfg, ocfg, tokenizer=tok, resume=r["load"], device=r["device"])
     except (FileNotFoundError, ValueError) as e:

@@ -142,6 +142,7 @@ class TokenStore:
         self.tokens = np.memmap(os.path.join(folder, "tokens.bin"), dtype=self.header["dtype"], mode="r")
         if len(self.tokens) != self.header["n_tokens"]:
             raise ValueError(f"{folder}/tokens.bin: {len(self.tokens)} tokens, header says {self.header['n_tokens']}")
+        self.offsets = np.load(os.path.join(folder, "offsets.npy"))
 
 
 # ---- span-corruption batches ----
@@ -154,26 +155,42 @@ class DataConfig:
     seed: int = 1234
 
 
+def raw_segments(offsets: np.ndarray, raw_len: int, group_docs: int = 128) -> np.ndarray:
+    """(start, length) of each raw segment, (N, 2). Documents are concatenated in groups of
+    `group_docs` with no separator (seqio `reduce_concat_tokens(batch_size=128)`) and each group's
+    stream is cut into `raw_len` pieces (`split_tokens`), so each group ends in a shorter tail.
+
+    >>> raw_segments(np.array([0, 5, 9, 20]), raw_len=4, group_docs=2).tolist()
+    [[0, 4], [4, 4], [8, 1], [9, 4], [13, 4], [17, 3]]
+    """
+    bounds = np.append(offsets[:-1:group_docs], offsets[-1])
+    return np.array([(a, min(raw_len, end - a)) for start, end in zip(bounds[:-1], bounds[1:])
+                     for a in range(int(start), int(end), raw_len)], dtype=np.int64).reshape(-1, 2)
+
+
 class SpanCorruptionBatches:
-    """Fixed-shape batches of span-corrupted raw segments cut from the store's token stream.
+    """Fixed-shape batches of span-corrupted raw segments (see `raw_segments`).
 
-    Order: each epoch a permutation of segment indices seeded by (seed, epoch); rank r of w takes
-    every w-th example, so ranks never overlap. Each example's noise mask is seeded by
-    (seed, epoch, segment), so any position can be resumed exactly from `state()`. The stream's
-    final partial segment (shorter than a raw segment) is dropped.
-    Batch: dict of int64 arrays input_ids (B, I), decoder_input_ids / labels (B, T)."""
+    Order: each epoch a permutation of the segments seeded by (seed, epoch); rank r of w takes
+    every w-th, so ranks never overlap. Each example's noise mask is seeded by (seed, epoch,
+    segment), so a position resumes exactly from `state()`. Short segments (group tails) are packed
+    first-fit several to a row with segment ids, so packed examples never attend to each other (t5x
+    `EncDecFeatureConverter(pack=True)`), or dropped with pack=False.
+    Batch: int64 arrays input_ids (B, I), decoder_input_ids and labels (B, T), and when packing
+    segment_ids (B, I) and decoder_segment_ids (B, T), 1-based per row, 0 = padding."""
 
-    def __init__(self, tokens: np.ndarray, cfg: DataConfig, first_sentinel: int, batch_size: int,
-                 rank: int = 0, world: int = 1, eos: int = 1, pad: int = 0):
+    def __init__(self, tokens: np.ndarray, segments: np.ndarray, cfg: DataConfig, first_sentinel: int,
+                 batch_size: int, rank: int = 0, world: int = 1, eos: int = 1, pad: int = 0, pack: bool = True):
         self.tokens, self.cfg, self.first_sentinel, self.eos, self.pad = tokens, cfg, first_sentinel, eos, pad
         self.raw_len, self.targets_length = random_spans_helper(cfg.inputs_length, cfg.noise_density,
                                                                 cfg.mean_noise_span_length)
-        self.n_segments = len(tokens) // self.raw_len
-        self.batch_size, self.rank, self.world = batch_size, rank, world
-        if self.n_segments < world * batch_size:
-            raise ValueError(f"corpus has {len(tokens)} tokens = {self.n_segments} segments of {self.raw_len}, "
-                             f"fewer than one batch ({batch_size} x {world} ranks); use more text or shorter --seq-length")
+        self.segments = segments if pack else segments[segments[:, 1] == self.raw_len]
+        self.batch_size, self.rank, self.world, self.pack = batch_size, rank, world, pack
+        if len(self.segments) < world * batch_size:
+            raise ValueError(f"corpus gives {len(self.segments)} segments of <= {self.raw_len} tokens, fewer than "
+                             f"one batch ({batch_size} x {world} ranks); use more text or a shorter --seq-length")
         self.epoch, self.position = 0, 0  # position: examples this rank has consumed this epoch
+        self._order_cache = (None, None)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -182,34 +199,64 @@ class SpanCorruptionBatches:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n_segments)[self.rank::self.world]
+        if self._order_cache[0] != epoch:
+            perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.segments))
+            self._order_cache = (epoch, perm[self.rank::self.world])
+        return self._order_cache[1]
 
-    def example(self, epoch: int, segment: int) -> tuple[np.ndarray, np.ndarray]:
-        raw = np.asarray(self.tokens[segment * self.raw_len:(segment + 1) * self.raw_len], dtype=np.int64)
-        rng = np.random.default_rng([self.cfg.seed, epoch, segment])
+    def example(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        start, length = self.segments[index]
+        raw = np.asarray(self.tokens[start:start + length], dtype=np.int64)
+        rng = np.random.default_rng([self.cfg.seed, epoch, index])
         return span_corrupt(raw, rng, self.first_sentinel, self.eos, self.cfg.noise_density,
                             self.cfg.mean_noise_span_length)
+
+    def _peek(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.position >= len(self._order(self.epoch)):
+            self.epoch, self.position = self.epoch + 1, 0
+        return self.example(self.epoch, int(self._order(self.epoch)[self.position]))
 
     def __iter__(self):
         return self
 
+    def _fits(self, row: list, ex: tuple[np.ndarray, np.ndarray]) -> bool:
+        return (sum(len(i) for i, _ in row) + len(ex[0]) <= self.cfg.inputs_length
+                and sum(len(t) for _, t in row) + len(ex[1]) <= self.targets_length)
+
     def __next__(self) -> dict:
-        order = self._order(self.epoch)
-        per_epoch = len(order) // self.batch_size * self.batch_size
-        if self.position >= per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-            order = self._order(self.epoch)
-        pairs = [self.example(self.epoch, int(s)) for s in order[self.position:self.position + self.batch_size]]
-        self.position += self.batch_size
-        inputs = np.stack(pairs_pad([p[0] for p in pairs], self.cfg.inputs_length, self.pad))
-        labels = np.stack(pairs_pad([p[1] for p in pairs], self.targets_length, self.pad))
-        decoder_inputs = np.concatenate([np.zeros((len(labels), 1), np.int64), labels[:, :-1]], 1)  # shift right, start 0
-        return {"input_ids": inputs, "decoder_input_ids": decoder_inputs, "labels": np.where(labels == self.pad, -100, labels)}
+        """Examples are taken in order; each goes into the first row of this batch with room
+        (first-fit), else a new row; when the batch is full the example opens the next batch."""
+        rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        while True:
+            ex = self._peek()
+            row = next((r for r in rows if self._fits(r, ex)), None) if self.pack else None
+            if row is None and len(rows) == self.batch_size:
+                return self._collate(rows)
+            if row is None:
+                rows.append([ex])
+            else:
+                row.append(ex)
+            self.position += 1
 
-
-def pairs_pad(rows: list[np.ndarray], length: int, pad: int) -> list[np.ndarray]:
-    """Right-pad each row to `length` (rows are never longer: the length arithmetic guarantees it)."""
-    return [np.pad(r, (0, length - len(r)), constant_values=pad) for r in rows]
+    def _collate(self, rows) -> dict:
+        b, n_in, n_tg = len(rows), self.cfg.inputs_length, self.targets_length
+        out = {k: np.zeros((b, n), np.int64) for k, n in
+               (("input_ids", n_in), ("segment_ids", n_in), ("decoder_input_ids", n_tg), ("labels", n_tg),
+                ("decoder_segment_ids", n_tg))}
+        out["labels"][:] = -100
+        for r, row in enumerate(rows):
+            i = t = 0
+            for seg, (inputs, targets) in enumerate(row, 1):
+                out["input_ids"][r, i:i + len(inputs)] = inputs
+                out["segment_ids"][r, i:i + len(inputs)] = seg
+                out["labels"][r, t:t + len(targets)] = targets
+                out["decoder_input_ids"][r, t + 1:t + len(targets)] = targets[:-1]  # shift right, start 0
+                out["decoder_segment_ids"][r, t:t + len(targets)] = seg
+                i, t = i + len(inputs), t + len(targets)
+        if not self.pack:
+            for k in ("segment_ids", "decoder_segment_ids"):
+                del out[k]
+        return out
 
 
 def write_embedded_corpus(path: str, translations: tuple[str, ...] = ("k", "4")) -> int:

@@ -58,7 +58,8 @@ def _tensors(batch: dict, device) -> dict:
 def loss_terms(model, batch: dict, z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (summed token CE [+ z-loss], number of target tokens, number correct)."""
     mask = batch["input_ids"] != 0
-    logits = model(batch["input_ids"], batch["decoder_input_ids"], mask).float()
+    logits = model(batch["input_ids"], batch["decoder_input_ids"], mask, segment_ids=batch.get("segment_ids"),
+                   decoder_segment_ids=batch.get("decoder_segment_ids")).float()
     labels = batch["labels"]
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     valid = labels != -100
