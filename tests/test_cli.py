@@ -17,6 +17,12 @@ def test_generate_prompts_and_json(copy_model_dir, capsys):
     assert row["line"] == 1 and row["outputs"][0] == "tiger" and len(row["outputs"]) == 2
 
 
+def test_generate_bf16_and_int8_on_cpu(copy_model_dir, capsys):
+    for extra in (["--dtype", "bf16"], ["--quantize", "int8"]):
+        assert main(["generate", "--model", str(copy_model_dir), "copy: cat dog", *extra]) == 0
+        assert capsys.readouterr().out.strip() == "cat dog"
+
+
 def test_generate_file_with_bad_lines_keeps_good_ones(copy_model_dir, tmp_path, capsys):
     src = tmp_path / "in.txt"
     src.write_bytes(b"copy: cat\n\ncopy: \xff\xfe bad\ncopy: whale eagle\n")

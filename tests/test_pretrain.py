@@ -122,7 +122,7 @@ def test_kill9_then_resume_matches_uninterrupted(corpus, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert any(ckpts.glob("step_*.pt"))
-    assert main(_pretrain_args(corpus, run, 8, ["--load", str(ckpts)])) == 0
+    assert main(_pretrain_args(corpus, run, 8, ["--resume"])) == 0
     got = _losses(run)  # rows after the resume point overwrite nothing: the log is appended
     resumed = [json.loads(l) for l in open(run / "metrics.jsonl")]
     last = {}
@@ -171,3 +171,10 @@ def test_checkpoint_write_failure_keeps_previous(corpus, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         checkpoint.save(str(out / "checkpoints"), 99, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
     assert sorted(os.listdir(out / "checkpoints")) == before
+
+
+def test_bf16_training_runs_and_learns(corpus, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(_pretrain_args(corpus, out, 12, ["--bf16", "--lr", "3e-3"])) == 0
+    losses = _losses(out)
+    assert losses[12] < losses[1]

@@ -168,7 +168,7 @@ PRETRAIN_DEFAULTS = dict(
     lr_warmup_iters=100, train_iters=1000, weight_decay=0.0, clip_grad=1.0, bf16=False, seed=1234, save=None,
     load=None, save_interval=500, eval_interval=100, eval_iters=4, model_preset=None, model=None, tokenizer=None,
     optimizer="adamw", device="cpu", vocab_size=2000, z_loss=0.0, workers=1, skip_bad_lines=False, log_interval=10,
-    drop_remainders=False)
+    drop_remainders=False, resume=False)
 DEMO = dict(model_preset="tiny", seq_length=128, micro_batch_size=16, train_iters=1500, lr=3e-3, lr_warmup_iters=100,
             eval_interval=100, save_interval=500, save="runs/demo")
 
@@ -275,7 +275,8 @@ def cmd_pretrain(args) -> int:
          f"({'short ones packed' if batches.pack else 'short ones dropped'}); unigram baseline "
          f"{unigram_entropy(tokens):.3f} nats/token")
     try:
-        row = train(model, batches, eval_batches, tcfg, ocfg, tokenizer=tok, resume=r["load"], device=r["device"])
+        resume = r["load"] or (os.path.join(out, "checkpoints") if r["resume"] else None)
+        row = train(model, batches, eval_batches, tcfg, ocfg, tokenizer=tok, resume=resume, device=r["device"])
     except (FileNotFoundError, ValueError) as e:
         _err(str(e))
         return 2
@@ -299,7 +300,10 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--config", help="TOML recipe; its keys are these flags' names (CLI flags win)")
     for flag, default in PRETRAIN_DEFAULTS.items():
         name = "--" + flag.replace("_", "-")
-        if isinstance(default, bool):
+        if flag == "resume":
+            p.add_argument(name, action="store_true", default=None,
+                           help="continue from the latest checkpoint in --save (same as --load SAVE/checkpoints)")
+        elif isinstance(default, bool):
             p.add_argument(name, action="store_true", default=None)
         elif flag == "data_path":
             p.add_argument(name, nargs="+", default=None, help="token store dir, or .txt / .jsonl / .parquet files")
