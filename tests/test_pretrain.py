@@ -169,7 +169,7 @@ def test_checkpoint_write_failure_keeps_previous(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", full_disk)
     model = __import__("t5kit").T5.from_pretrained(out / "final")
     with pytest.raises(OSError, match="No space left"):
-        checkpoint.save(str(out / "checkpoints"), 99, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
+        checkpoint.save(str(out / "checkpoints"), 99, model, torch.optim.SGD(model.parameters(), lr=0.1), [{}])
     assert sorted(os.listdir(out / "checkpoints")) == before
 
 

@@ -17,11 +17,12 @@ from .config import T5Config
 PATTERN = re.compile(r"step_(\d+)\.pt$")
 
 
-def save(folder: str, step: int, model, optimizer, data_state: dict, keep: int = 3) -> str:
+def save(folder: str, step: int, model, optimizer, data_states: list[dict], keep: int = 3) -> str:
+    """data_states: one iterator state per rank, in rank order."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step_{step:08d}.pt")
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "config": model.config.to_hf_json(), "data": data_state,
+             "config": model.config.to_hf_json(), "data": data_states,
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                      **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}}
     with atomic_path(path) as tmp:
@@ -38,7 +39,7 @@ def list_checkpoints(folder: str) -> list[str]:
 
 
 def load(path_or_folder: str, model, optimizer) -> tuple[int, dict]:
-    """Restore model, optimizer and RNG states; -> (step, data_state). The model shape must match."""
+    """Restore model, optimizer and RNG states; -> (step, per-rank data states). The model shape must match."""
     path = path_or_folder
     if os.path.isdir(path):
         found = list_checkpoints(path)

@@ -197,6 +197,7 @@ def cmd_pretrain(args) -> int:
 
     import torch
 
+    from . import distributed
     from .config import get_preset
     from .data import (DataConfig, SpanCorruptionBatches, TokenStore, build_token_store, raw_segments,
                        write_embedded_corpus)
@@ -209,6 +210,8 @@ def cmd_pretrain(args) -> int:
     try:
         r = _resolve_pretrain(args)
         out = r["save"] or "runs/pretrain"
+        rank, world, device = distributed.init_from_env(r["device"])
+        main_rank = rank == 0
         if r["max_position_embeddings"] is not None and r["max_position_embeddings"] < r["seq_length"]:
             raise ValueError(f"--max-position-embeddings {r['max_position_embeddings']} < --seq-length "
                              f"{r['seq_length']} (T5 uses relative positions; the flag is only checked)")
@@ -217,19 +220,22 @@ def cmd_pretrain(args) -> int:
         store_dir = paths[0] if len(paths) == 1 and os.path.isfile(os.path.join(paths[0], "header.json")) else None
         tok_dir = r["tokenizer"] or (r["model"] if r["model"] else None)
         if r["embedded"]:
-            corpus = os.path.join(out, "corpus.txt")
-            n_docs = write_embedded_corpus(corpus)
-            _err(f"embedded corpus: {n_docs} chapters (King James + World English Bible) -> {corpus}")
-            paths = [corpus]
-        if tok_dir:
-            tok = Tokenizer.from_pretrained(tok_dir)
-        else:
+            paths = [os.path.join(out, "corpus.txt")]
+            if main_rank:
+                n_docs = write_embedded_corpus(paths[0])
+                _err(f"embedded corpus: {n_docs} chapters (King James + World English Bible) -> {paths[0]}")
+        if not tok_dir:  # rank 0 prepares tokenizer and token store; the others wait, then read them
             tok_dir = os.path.join(out, "tokenizer")
-            _err(f"training a {r['vocab_size']}-piece SentencePiece tokenizer -> {tok_dir}")
-            tok = train_tokenizer(paths, r["vocab_size"], tok_dir, extra_ids=r["vocab_extra_ids"])
+            if main_rank:
+                _err(f"training a {r['vocab_size']}-piece SentencePiece tokenizer -> {tok_dir}")
+                train_tokenizer(paths, r["vocab_size"], tok_dir, extra_ids=r["vocab_extra_ids"])
+            distributed.barrier()
+        tok = Tokenizer.from_pretrained(tok_dir)
         if store_dir is None:
             store_dir = os.path.join(out, "data")
-            build_token_store(paths, tok, store_dir, workers=r["workers"], skip_bad_lines=r["skip_bad_lines"])
+            if main_rank:
+                build_token_store(paths, tok, store_dir, workers=r["workers"], skip_bad_lines=r["skip_bad_lines"])
+            distributed.barrier()
         store = TokenStore(store_dir, tok)
         # model
         if r["model"]:
@@ -250,7 +256,7 @@ def cmd_pretrain(args) -> int:
         tokens = store.tokens
         segments = raw_segments(store.offsets, random_spans_helper(dcfg.inputs_length)[0])
         n_eval = max(8, len(segments) // 50)
-        common = dict(eos=tok.eos_id, pad=tok.pad_id, pack=not r["drop_remainders"])
+        common = dict(eos=tok.eos_id, pad=tok.pad_id, pack=not r["drop_remainders"], rank=rank, world=world)
         batches = SpanCorruptionBatches(tokens, segments[:-n_eval], dcfg, tok.sentinel_id(0), r["micro_batch_size"], **common)
         eval_batches = SpanCorruptionBatches(tokens, segments[-n_eval:], dcfg, tok.sentinel_id(0),
                                              min(r["micro_batch_size"], 4), **common)
@@ -261,25 +267,30 @@ def cmd_pretrain(args) -> int:
                            global_batch=r["global_batch_size"] or r["micro_batch_size"], clip_grad=r["clip_grad"],
                            z_loss=r["z_loss"], bf16=r["bf16"], eval_interval=r["eval_interval"],
                            eval_iters=r["eval_iters"], save_interval=r["save_interval"], seed=r["seed"],
-                           log_interval=r["log_interval"])
+                           log_interval=r["log_interval"], world_size=world)
         ocfg = OptimConfig(name=r["optimizer"], lr=r["lr"], min_lr=r["min_lr"], schedule=r["lr_decay_style"],
                            warmup_steps=r["lr_warmup_iters"], total_steps=r["train_iters"],
                            weight_decay=r["weight_decay"])
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         _err(str(e))
         return 2
-    write_run_config(out, model=cfg.to_hf_json(), train=tcfg, optim=ocfg, data=dcfg, flags=r)
-    print(json.dumps({"model": cfg.to_hf_json(), "train": vars(args) and r}, indent=1, default=str), file=sys.stderr)
-    _err(f"parameters: {cfg.num_params():,}; raw segment {batches.raw_len} -> inputs {dcfg.inputs_length}, "
-         f"targets {batches.targets_length}; {len(batches.segments)} training segments "
-         f"({'short ones packed' if batches.pack else 'short ones dropped'}); unigram baseline "
-         f"{unigram_entropy(tokens):.3f} nats/token")
+    if main_rank:
+        write_run_config(out, model=cfg.to_hf_json(), train=tcfg, optim=ocfg, data=dcfg, flags=r)
+        print(json.dumps({"model": cfg.to_hf_json(), "run": r}, indent=1, default=str), file=sys.stderr)
+        _err(f"parameters: {cfg.num_params():,}; {world} process(es); raw segment {batches.raw_len} -> inputs "
+             f"{dcfg.inputs_length}, targets {batches.targets_length}; {len(batches.segments)} training segments "
+             f"({'short ones packed' if batches.pack else 'short ones dropped'}); unigram baseline "
+             f"{unigram_entropy(tokens):.3f} nats/token")
     try:
         resume = r["load"] or (os.path.join(out, "checkpoints") if r["resume"] else None)
-        row = train(model, batches, eval_batches, tcfg, ocfg, tokenizer=tok, resume=resume, device=r["device"])
+        row = train(model, batches, eval_batches, tcfg, ocfg, tokenizer=tok, resume=resume, device=device)
     except (FileNotFoundError, ValueError) as e:
         _err(str(e))
         return 2
+    finally:
+        distributed.shutdown()
+    if not main_rank:
+        return 0
     _err(f"done: step {row.get('step')}, loss {row.get('loss', float('nan')):.4f}"
          + (f", eval loss {row['eval_loss']:.4f}" if "eval_loss" in row else "") + f"; weights in {out}/final")
     return 0

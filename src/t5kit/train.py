@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .hf import save_pretrained
 from .optim import OptimConfig, build_optimizer, lr_at
 
@@ -77,6 +77,7 @@ def evaluate(model, batches, iters: int, device, bf16: bool) -> dict:
         with _autocast(device, bf16):
             loss, n, c = loss_terms(model, _tensors(next(batches), device), 0.0)
         total, tokens, correct = total + loss.item(), tokens + n.item(), correct + c.item()
+    total, tokens, correct = distributed.sum_all(total, tokens, correct)
     model.train()
     return {"eval_loss": total / max(tokens, 1), "eval_accuracy": correct / max(tokens, 1)}
 
@@ -115,10 +116,15 @@ def train(model, batches, eval_batches, tcfg: TrainConfig, ocfg: OptimConfig, to
     ckpt_dir = os.path.join(tcfg.out, "checkpoints")
     step = 0
     if resume:
-        step, data_state = checkpoint.load(resume, model, optimizer)
-        batches.load_state(data_state)
-    log = MetricsLog(tcfg.out)
-    bar = tqdm(total=tcfg.steps, initial=step, disable=not progress, desc="train", unit="step")
+        step, data_states = checkpoint.load(resume, model, optimizer)
+        if len(data_states) != tcfg.world_size:
+            raise ValueError(f"{resume}: checkpoint has data states for {len(data_states)} ranks, this run has "
+                             f"{tcfg.world_size}; resume with the same number of processes")
+        batches.load_state(data_states[distributed.rank()])
+    ddp = distributed.wrap(model, device)
+    main = distributed.is_main()
+    log = MetricsLog(tcfg.out) if main else None
+    bar = tqdm(total=tcfg.steps, initial=step, disable=not (progress and main), desc="train", unit="step")
     row: dict = {}
     t_last, tokens_since = time.perf_counter(), 0
     while step < tcfg.steps:
@@ -126,13 +132,17 @@ def train(model, batches, eval_batches, tcfg: TrainConfig, ocfg: OptimConfig, to
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [_tensors(next(batches), device) for _ in range(tcfg.accumulation)]
-        n_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)  # global target tokens
+        local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+        (n_tokens,) = distributed.sum_all(local_tokens)  # target tokens in the whole global batch
         total = 0.0
-        for b in micro:
-            with _autocast(device, tcfg.bf16):
-                loss, _, _ = loss_terms(model, b, tcfg.z_loss)
-            (loss / n_tokens).backward()
+        for i, b in enumerate(micro):
+            sync = i == len(micro) - 1 or ddp is model
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), _autocast(device, tcfg.bf16):
+                loss, _, _ = loss_terms(ddp, b, tcfg.z_loss)
+            # DDP averages gradients over ranks; scaling by world size makes it the global token sum
+            (loss * tcfg.world_size / n_tokens).backward()
             total += loss.item()
+        (total,) = distributed.sum_all(total)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad or math.inf).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -143,18 +153,23 @@ def train(model, batches, eval_batches, tcfg: TrainConfig, ocfg: OptimConfig, to
             now = time.perf_counter()
             row["tokens_per_s"] = tokens_since / (now - t_last)
             t_last, tokens_since = now, 0
+            row["tokens_per_s"] *= tcfg.world_size
             if tcfg.eval_interval and (step % tcfg.eval_interval == 0 or step == tcfg.steps) and eval_batches is not None:
                 row.update(evaluate(model, eval_batches, tcfg.eval_iters, device, tcfg.bf16))
-            log.write(row)
+            if main:
+                log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
         if tcfg.save_interval and step % tcfg.save_interval == 0:
-            checkpoint.save(ckpt_dir, step, model, optimizer, batches.state(), tcfg.keep_checkpoints)
+            data_states = distributed.gather(batches.state())  # ranks may have consumed different counts
+            if main:
+                checkpoint.save(ckpt_dir, step, model, optimizer, data_states, tcfg.keep_checkpoints)
     bar.close()
-    final = os.path.join(tcfg.out, "final")
-    save_pretrained(model, final)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(final)
+    if main:
+        final = os.path.join(tcfg.out, "final")
+        save_pretrained(model, final)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(final)
     return row
 
 
