@@ -82,8 +82,8 @@ def test_bad_config_names_the_field(data, field):
 
 LEVELS = {"atomic": -1, "hub": -1,  # stdlib-only helpers under everything
           "config": 0, "spans": 0, "tokenizer": 0, "optim": 0, "metrics": 0,
-          "model": 1, "data": 1, "generate": 2, "beam": 2, "hf": 2, "distributed": 2, "quantize": 2,
-          "checkpoint": 3, "train": 3, "serve": 3, "__init__": 4, "cli": 4, "__main__": 5}
+          "model": 1, "data": 1, "tasks": 1, "generate": 2, "beam": 2, "hf": 2, "distributed": 2, "quantize": 2,
+          "checkpoint": 3, "train": 3, "serve": 3, "jobs": 4, "demo": 5, "__init__": 6, "cli": 6, "__main__": 7}
 
 
 # Same-level imports allowed where DESIGN.md puts one concept beside its user.

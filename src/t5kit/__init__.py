@@ -1,6 +1,7 @@
 """t5kit: T5-family encoder-decoder models in PyTorch, exact against Hugging Face, and fast.
 
-Public API (see README): T5, T5Config, PRESETS, Tokenizer. Importing has no side effects beyond
+Public API (see README): T5, T5Config, PRESETS, Tokenizer, and the jobs pretrain / finetune /
+evaluate / demo with their config dataclasses. Importing has no side effects beyond
 binding the loading / saving / generation methods onto T5: they live in hf.py and generate.py,
 which import model.py, so model.py cannot import them (DESIGN.md, dependency direction).
 """
@@ -8,6 +9,8 @@ which import model.py, so model.py cannot import them (DESIGN.md, dependency dir
 from . import generate as _generate
 from . import hf as _hf
 from .config import PRESETS, T5Config, get_preset
+from .demo import DemoConfig, demo
+from .jobs import EvalConfig, FinetuneConfig, PretrainConfig, evaluate, finetune, pretrain
 from .model import T5
 from .tokenizer import Tokenizer, train_tokenizer
 
@@ -16,4 +19,5 @@ T5.save_pretrained = _hf.save_pretrained
 T5.generate = _generate.generate
 
 __version__ = "0.1.0"
-__all__ = ["T5", "T5Config", "PRESETS", "get_preset", "Tokenizer", "train_tokenizer", "__version__"]
+__all__ = ["T5", "T5Config", "PRESETS", "get_preset", "Tokenizer", "train_tokenizer", "pretrain", "finetune",
+           "evaluate", "demo", "PretrainConfig", "FinetuneConfig", "EvalConfig", "DemoConfig", "__version__"]

@@ -17,12 +17,14 @@ from .config import T5Config
 PATTERN = re.compile(r"step_(\d+)\.pt$")
 
 
-def save(folder: str, step: int, model, optimizer, data_states: list[dict], keep: int = 3) -> str:
-    """data_states: one iterator state per rank, in rank order."""
+def save(folder: str, step: int, model, optimizer, data_states: list[dict], keep: int = 3,
+         trainer: dict | None = None) -> str:
+    """data_states: one iterator state per rank, in rank order; trainer: the loop's own small state
+    (best evaluation so far, evaluations without improvement)."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step_{step:08d}.pt")
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "config": model.config.to_hf_json(), "data": data_states,
+             "config": model.config.to_hf_json(), "data": data_states, "trainer": trainer or {},
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                      **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}}
     with atomic_path(path) as tmp:
@@ -38,8 +40,9 @@ def list_checkpoints(folder: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if PATTERN.search(f))
 
 
-def load(path_or_folder: str, model, optimizer) -> tuple[int, dict]:
-    """Restore model, optimizer and RNG states; -> (step, per-rank data states). The model shape must match."""
+def load(path_or_folder: str, model, optimizer) -> tuple[int, list[dict], dict]:
+    """Restore model, optimizer and RNG states; -> (step, per-rank data states, trainer state).
+    The model shape must match."""
     path = path_or_folder
     if os.path.isdir(path):
         found = list_checkpoints(path)
@@ -62,4 +65,4 @@ def load(path_or_folder: str, model, optimizer) -> tuple[int, dict]:
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"], state["data"]
+    return state["step"], state["data"], state.get("trainer", {})

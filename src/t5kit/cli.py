@@ -157,172 +157,67 @@ def _add_tokenizer(sub) -> None:
     t.set_defaults(func=cmd_tokenizer_train)
 
 
-# Megatron-LM pretrain_t5.py flags -> (T5Config / run field, type). Same names, same meaning.
-MEGATRON_MODEL = {"encoder_num_layers": "num_layers", "decoder_num_layers": "num_decoder_layers",
-                  "hidden_size": "d_model", "num_attention_heads": "num_heads", "kv_channels": "d_kv",
-                  "ffn_hidden_size": "d_ff"}
-PRETRAIN_DEFAULTS = dict(
-    encoder_num_layers=None, decoder_num_layers=None, hidden_size=None, num_attention_heads=None, kv_channels=None,
-    ffn_hidden_size=None, seq_length=512, decoder_seq_length=None, max_position_embeddings=None, data_path=None,
-    vocab_extra_ids=100, micro_batch_size=8, global_batch_size=None, lr=1e-3, min_lr=0.0, lr_decay_style="cosine",
-    lr_warmup_iters=100, train_iters=1000, weight_decay=0.0, clip_grad=1.0, bf16=False, seed=1234, save=None,
-    load=None, save_interval=500, eval_interval=100, eval_iters=4, model_preset=None, model=None, tokenizer=None,
-    optimizer="adamw", device="cpu", vocab_size=2000, z_loss=0.0, workers=1, skip_bad_lines=False, log_interval=10,
-    drop_remainders=False, resume=False)
-DEMO = dict(model_preset="tiny", seq_length=128, micro_batch_size=16, train_iters=1500, lr=3e-3, lr_warmup_iters=100,
-            eval_interval=100, save_interval=500, save="runs/demo")
+def _flag_kind(annotation: str):
+    """(argparse type, nargs) from a config field's annotation string."""
+    base = annotation.replace(" | None", "")
+    if base.startswith("list["):
+        return {"str": str, "int": int}[base[5:-1]], "+"
+    return {"int": int, "float": float, "str": str, "bool": bool}[base], None
 
 
-def _resolve_pretrain(args) -> dict:
-    """defaults < (embedded-corpus demo defaults) < TOML recipe < CLI flags."""
-    import tomllib
-
-    recipe = {}
-    if args.config:
-        try:
-            with open(args.config, "rb") as f:
-                recipe = {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"{args.config}: cannot read TOML recipe ({e})") from None
-        unknown = set(recipe) - set(PRETRAIN_DEFAULTS)
-        if unknown:
-            raise ValueError(f"{args.config}: unknown keys {sorted(unknown)}; expected flags of `t5kit pretrain --help`")
-    cli = {k: v for k, v in vars(args).items() if k in PRETRAIN_DEFAULTS and v is not None}
-    embedded = "data_path" not in {**recipe, **cli}
-    return {**PRETRAIN_DEFAULTS, **(DEMO if embedded else {}), **recipe, **cli, "embedded": embedded}
-
-
-def cmd_pretrain(args) -> int:
-    import os
-
-    import torch
-
-    from . import distributed
-    from .config import get_preset
-    from .data import (DataConfig, SpanCorruptionBatches, TokenStore, build_token_store, raw_segments,
-                       write_embedded_corpus)
-    from .model import T5
-    from .optim import OptimConfig
-    from .spans import random_spans_helper
-    from .tokenizer import Tokenizer, train_tokenizer
-    from .train import TrainConfig, train, write_run_config
-
-    try:
-        r = _resolve_pretrain(args)
-        out = r["save"] or "runs/pretrain"
-        rank, world, device = distributed.init_from_env(r["device"])
-        main_rank = rank == 0
-        if r["max_position_embeddings"] is not None and r["max_position_embeddings"] < r["seq_length"]:
-            raise ValueError(f"--max-position-embeddings {r['max_position_embeddings']} < --seq-length "
-                             f"{r['seq_length']} (T5 uses relative positions; the flag is only checked)")
-        # data: an existing token store, text files to tokenize, or the embedded corpus
-        paths = [] if r["embedded"] else list(r["data_path"]) if isinstance(r["data_path"], list) else [r["data_path"]]
-        store_dir = paths[0] if len(paths) == 1 and os.path.isfile(os.path.join(paths[0], "header.json")) else None
-        tok_dir = r["tokenizer"] or (r["model"] if r["model"] else None)
-        if r["embedded"]:
-            paths = [os.path.join(out, "corpus.txt")]
-            if main_rank:
-                n_docs = write_embedded_corpus(paths[0])
-                _err(f"embedded corpus: {n_docs} chapters (King James + World English Bible) -> {paths[0]}")
-        if not tok_dir:  # rank 0 prepares tokenizer and token store; the others wait, then read them
-            tok_dir = os.path.join(out, "tokenizer")
-            if main_rank:
-                _err(f"training a {r['vocab_size']}-piece SentencePiece tokenizer -> {tok_dir}")
-                train_tokenizer(paths, r["vocab_size"], tok_dir, extra_ids=r["vocab_extra_ids"])
-            distributed.barrier()
-        tok = Tokenizer.from_pretrained(tok_dir)
-        if store_dir is None:
-            store_dir = os.path.join(out, "data")
-            if main_rank:
-                build_token_store(paths, tok, store_dir, workers=r["workers"], skip_bad_lines=r["skip_bad_lines"])
-            distributed.barrier()
-        store = TokenStore(store_dir, tok)
-        # model
-        if r["model"]:
-            model = T5.from_pretrained(r["model"])
-            cfg = model.config
+def _add_job(sub, name: str, cls, job, help: str, description: str) -> None:
+    """A subcommand whose flags are the fields of a job's config dataclass (dashes for
+    underscores); unset flags stay None so jobs.resolve can layer defaults < recipe < flags."""
+    from dataclasses import MISSING, fields
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("--config", help="TOML recipe; its keys are these flags' names (flags win)")
+    for f in fields(cls):
+        kind, nargs = _flag_kind(f.type)
+        default = f.default if f.default is not MISSING else f.default_factory()
+        text = f.metadata.get("help", "") + ("" if default in (None, False, []) else f" (default: {default})")
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=None, help=text)
+        elif nargs:
+            p.add_argument(flag, type=kind, nargs=nargs, action="extend", default=None, help=text)
         else:
-            base = get_preset(r["model_preset"] or "t5-v1_1-base")
-            shape = {MEGATRON_MODEL[k]: r[k] for k in MEGATRON_MODEL if r[k] is not None}
-            if "num_layers" in shape and "num_decoder_layers" not in shape:
-                shape["num_decoder_layers"] = shape["num_layers"]
-            cfg = base.replace(vocab_size=-(-len(tok) // 128) * 128, dropout_rate=0.0, **shape)
-            model = T5(cfg)
-            torch.manual_seed(r["seed"])
-            model.init_weights()
-        tok.check_model_vocab(cfg.vocab_size, "model")
-        # the last ~2% of segments (by corpus position) are held out for eval, disjoint from training
-        dcfg = DataConfig(inputs_length=r["seq_length"], seed=r["seed"])
-        tokens = store.tokens
-        segments = raw_segments(store.offsets, random_spans_helper(dcfg.inputs_length)[0])
-        n_eval = max(8, len(segments) // 50)
-        common = dict(eos=tok.eos_id, pad=tok.pad_id, pack=not r["drop_remainders"], rank=rank, world=world)
-        batches = SpanCorruptionBatches(tokens, segments[:-n_eval], dcfg, tok.sentinel_id(0), r["micro_batch_size"], **common)
-        eval_batches = SpanCorruptionBatches(tokens, segments[-n_eval:], dcfg, tok.sentinel_id(0),
-                                             min(r["micro_batch_size"], 4), **common)
-        if r["decoder_seq_length"] is not None and r["decoder_seq_length"] < batches.targets_length:
-            raise ValueError(f"--decoder-seq-length {r['decoder_seq_length']} < {batches.targets_length}, the "
-                             f"targets length span corruption gives for --seq-length {r['seq_length']}")
-        tcfg = TrainConfig(out=out, steps=r["train_iters"], micro_batch=r["micro_batch_size"],
-                           global_batch=r["global_batch_size"] or r["micro_batch_size"], clip_grad=r["clip_grad"],
-                           z_loss=r["z_loss"], bf16=r["bf16"], eval_interval=r["eval_interval"],
-                           eval_iters=r["eval_iters"], save_interval=r["save_interval"], seed=r["seed"],
-                           log_interval=r["log_interval"], world_size=world)
-        ocfg = OptimConfig(name=r["optimizer"], lr=r["lr"], min_lr=r["min_lr"], schedule=r["lr_decay_style"],
-                           warmup_steps=r["lr_warmup_iters"], total_steps=r["train_iters"],
-                           weight_decay=r["weight_decay"])
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-        _err(str(e))
-        return 2
-    if main_rank:
-        write_run_config(out, model=cfg.to_hf_json(), train=tcfg, optim=ocfg, data=dcfg, flags=r)
-        print(json.dumps({"model": cfg.to_hf_json(), "run": r}, indent=1, default=str), file=sys.stderr)
-        _err(f"parameters: {cfg.num_params():,}; {world} process(es); raw segment {batches.raw_len} -> inputs "
-             f"{dcfg.inputs_length}, targets {batches.targets_length}; {len(batches.segments)} training segments "
-             f"({'short ones packed' if batches.pack else 'short ones dropped'}); unigram baseline "
-             f"{unigram_entropy(tokens):.3f} nats/token")
+            p.add_argument(flag, type=kind, default=None, help=text)
+    p.set_defaults(func=lambda args: _run_job(cls, job, args))
+
+
+def _run_job(cls, job, args) -> int:
+    from dataclasses import fields
+
+    from . import distributed, jobs
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
     try:
-        resume = r["load"] or (os.path.join(out, "checkpoints") if r["resume"] else None)
-        row = train(model, batches, eval_batches, tcfg, ocfg, tokenizer=tok, resume=resume, device=device)
-    except (FileNotFoundError, ValueError) as e:
+        result = job(jobs.resolve(cls, args.config, values))
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         _err(str(e))
         return 2
     finally:
         distributed.shutdown()
-    if not main_rank:
-        return 0
-    _err(f"done: step {row.get('step')}, loss {row.get('loss', float('nan')):.4f}"
-         + (f", eval loss {row['eval_loss']:.4f}" if "eval_loss" in row else "") + f"; weights in {out}/final")
+    if distributed.is_main():
+        print(json.dumps(result, indent=1, default=str))
     return 0
 
 
-def unigram_entropy(tokens) -> float:
-    """Entropy (nats) of the corpus' token frequencies: the loss of a model that ignores context."""
-    import numpy as np
-    p = np.bincount(np.asarray(tokens)).astype(np.float64)
-    p = p[p > 0] / p.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def _add_pretrain(sub) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a T5 with span corruption (Megatron pretrain_t5.py flags)",
-                       description="Span-corruption pretraining. With no --data-path it trains on the embedded "
-                                   "public-domain corpus (needs the [demo] extra) after training its own tokenizer.")
-    p.add_argument("--config", help="TOML recipe; its keys are these flags' names (CLI flags win)")
-    for flag, default in PRETRAIN_DEFAULTS.items():
-        name = "--" + flag.replace("_", "-")
-        if flag == "resume":
-            p.add_argument(name, action="store_true", default=None,
-                           help="continue from the latest checkpoint in --save (same as --load SAVE/checkpoints)")
-        elif isinstance(default, bool):
-            p.add_argument(name, action="store_true", default=None)
-        elif flag == "data_path":
-            p.add_argument(name, nargs="+", default=None, help="token store dir, or .txt / .jsonl / .parquet files")
-        else:
-            kind = type(default) if default is not None else (
-                int if flag in MEGATRON_MODEL or flag.endswith(("length", "embeddings", "size")) else str)
-            p.add_argument(name, type=kind, default=None, help=f"default: {default}")
-    p.set_defaults(func=cmd_pretrain)
+def _add_jobs(sub) -> None:
+    from . import demo, jobs
+    _add_job(sub, "pretrain", jobs.PretrainConfig, jobs.pretrain,
+             "pretrain a T5 with span corruption (Megatron pretrain_t5.py flags)",
+             "Span-corruption pretraining. With no --data-path it trains on the embedded public-domain corpus "
+             "(needs the [demo] extra) after training its own tokenizer.")
+    _add_job(sub, "finetune", jobs.FinetuneConfig, jobs.finetune, "fine-tune a T5 on text-to-text tasks",
+             "Fine-tune on one task or a mixture (--train FILE[:PREFIX] ...), validating by loss or a "
+             "generation metric; writes <save>/best and <save>/final in the HF layout with the tokenizer.")
+    _add_job(sub, "evaluate", jobs.EvalConfig, jobs.evaluate, "generate for a labelled set and score it",
+             "Batched, length-sorted generation, then BLEU / chrF (sacrebleu), ROUGE (rouge-score), exact "
+             "match and accuracy (T5's answer normalisation). Prints the scores as JSON.")
+    _add_job(sub, "demo", demo.DemoConfig, demo.demo, "the end-to-end English -> French demo",
+             "Builds an English -> French Bible corpus split by whole books, trains a tokenizer, pretrains "
+             "with span corruption, fine-tunes, evaluates BLEU / chrF on held-out books and writes "
+             "<save>/report.md, all within --minutes.")
 
 
 def cmd_preprocess(args) -> int:
@@ -350,12 +245,12 @@ def _add_preprocess(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="t5kit", description="T5-family models: generate, tokenize, pretrain.")
+    parser = argparse.ArgumentParser(prog="t5kit", description="T5-family models: generate, tokenize, pretrain, fine-tune, evaluate.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_generate(sub)
     _add_tokenizer(sub)
     _add_preprocess(sub)
-    _add_pretrain(sub)
+    _add_jobs(sub)
     return parser
 
 

@@ -178,6 +178,9 @@ _BYT5_SHAPES = {
 PRESETS: dict[str, T5Config] = {
     # A few-second model for tests and the CPU demo; v1.1 style (gated-GELU, untied).
     "tiny": _v11(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4),
+    # Minutes-scale CPU models for the English -> French demo (`t5kit demo --preset`).
+    "micro": _v11(d_model=128, d_kv=32, d_ff=384, num_layers=3, num_heads=4),
+    "mini": _v11(d_model=256, d_kv=32, d_ff=768, num_layers=4, num_heads=8),
     "t5-small": _p(d_model=512, d_ff=2048, num_layers=6, num_heads=8),
     "t5-base": _p(d_model=768, d_ff=3072, num_layers=12, num_heads=12),
     "t5-large": _p(d_model=1024, d_ff=4096, num_layers=24, num_heads=16),

@@ -280,10 +280,10 @@ def train_tokenizer(texts_or_files: Iterable[str], vocab_size: int, out_dir: str
     `transformers.AutoTokenizer`) and tokenizer_config.json into out_dir."""
     import sentencepiece as spm
 
-    items = [texts_or_files] if isinstance(texts_or_files, str) else list(texts_or_files)
-    if items and all(os.path.isfile(p) for p in items):  # paths: one sentence per line
+    items = [texts_or_files] if isinstance(texts_or_files, str) else texts_or_files
+    if isinstance(items, (list, tuple)) and items and all(os.path.isfile(p) for p in items):  # one sentence a line
         texts = (line for p in items for line in open(p, encoding="utf-8"))
-    else:
+    else:  # texts, possibly a lazy iterator over a corpus
         texts = iter(items)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, SPIECE)
@@ -296,7 +296,8 @@ def train_tokenizer(texts_or_files: Iterable[str], vocab_size: int, out_dir: str
                 character_coverage=character_coverage, normalization_rule_name="nmt_nfkc",
                 input_sentence_size=max_sentences, shuffle_input_sentence=True, minloglevel=2)
         except RuntimeError as e:
-            raise ValueError(f"tokenizer training failed for vocab_size={vocab_size}: {e}") from None
+            raise ValueError(f"tokenizer training failed for vocab_size={vocab_size} ({e}); give more text or a "
+                             "smaller vocabulary size") from None
         os.replace(prefix + ".model", tmp)
         if os.path.exists(prefix + ".vocab"):
             os.remove(prefix + ".vocab")

@@ -2,7 +2,9 @@
 
 bf16 autocast over fp32 master weights; gradient accumulation with the loss normalised by the
 number of target tokens in the whole global batch (torchtitan `train.py`); clipping; optional
-z-loss; periodic eval (loss, token accuracy); a tqdm bar; metrics.jsonl (and TensorBoard when
+z-loss and label smoothing; periodic evaluation through a callback (loss, token accuracy, or a
+generation metric), with the best evaluation exported to <out>/best and early stopping after
+`patience` evaluations without improvement; a tqdm bar; metrics.jsonl (and TensorBoard when
 installed); atomic checkpoints with exact resume; final weights + tokenizer in <out>/final.
 """
 
@@ -34,14 +36,21 @@ class TrainConfig:
     z_loss: float = 0.0
     bf16: bool = False
     eval_interval: int = 100
-    eval_iters: int = 4
     save_interval: int = 500
     keep_checkpoints: int = 3
     log_interval: int = 10
     seed: int = 1234
     world_size: int = 1
+    label_smoothing: float = 0.0
+    monitor: str = "eval_loss"  # the evaluation key that picks <out>/best and drives early stopping
+    patience: int = 0  # stop after this many evaluations without improvement (0: never)
+    export_best: bool = False
 
     def __post_init__(self):
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label smoothing {self.label_smoothing}: expected a value in [0, 1)")
+        if self.patience < 0:
+            raise ValueError(f"patience {self.patience}: expected >= 0")
         if self.global_batch % (self.micro_batch * self.world_size):
             raise ValueError(f"global batch {self.global_batch} is not divisible by micro batch {self.micro_batch} "
                              f"x world size {self.world_size}")
@@ -50,18 +59,45 @@ class TrainConfig:
     def accumulation(self) -> int:
         return self.global_batch // (self.micro_batch * self.world_size)
 
+    def improved(self, value: float, best: float | None) -> bool:
+        """Losses improve downwards, every other metric (BLEU, accuracy, ...) upwards."""
+        if best is None:
+            return True
+        return value < best if self.monitor.endswith("loss") else value > best
+
+
+FREEZE_PARTS = ("encoder", "decoder", "embeddings")
+
+
+def freeze(model: torch.nn.Module, parts) -> int:
+    """Stop gradients to parts of the model; they are left out of the optimizer, so they stay bit
+    for bit. encoder: encoder.*; decoder: decoder.* and an untied lm_head; embeddings: the shared
+    token table (which is also the output layer of a tied model). -> number of frozen parameters."""
+    prefixes = {"encoder": ("encoder.",), "decoder": ("decoder.", "lm_head."), "embeddings": ("shared.",)}
+    for part in parts:
+        if part not in prefixes:
+            raise ValueError(f"--freeze {part!r}: expected one of {', '.join(FREEZE_PARTS)}")
+    n = 0
+    for name, p in model.named_parameters():
+        if any(name.startswith(pre) for part in parts for pre in prefixes[part]):
+            p.requires_grad_(False)
+            n += p.numel()
+    return n
+
 
 def _tensors(batch: dict, device) -> dict:
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
-def loss_terms(model, batch: dict, z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def loss_terms(model, batch: dict, z_loss: float = 0.0,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (summed token CE [+ z-loss], number of target tokens, number correct)."""
     mask = batch["input_ids"] != 0
     logits = model(batch["input_ids"], batch["decoder_input_ids"], mask, segment_ids=batch.get("segment_ids"),
                    decoder_segment_ids=batch.get("decoder_segment_ids")).float()
     labels = batch["labels"]
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum",
+                           label_smoothing=label_smoothing)
     valid = labels != -100
     if z_loss:  # t5x: z_loss * log(Z)^2 per target token
         loss = loss + z_loss * (torch.logsumexp(logits, -1)[valid] ** 2).sum()
@@ -70,12 +106,13 @@ def loss_terms(model, batch: dict, z_loss: float) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def evaluate(model, batches, iters: int, device, bf16: bool) -> dict:
+def evaluate(model, batches, device, bf16: bool) -> dict:
+    """Loss and token accuracy over the batches (a finite iterable), summed over ranks."""
     model.eval()
     total, tokens, correct = 0.0, 0, 0
-    for _ in range(iters):
+    for batch in batches:
         with _autocast(device, bf16):
-            loss, n, c = loss_terms(model, _tensors(next(batches), device), 0.0)
+            loss, n, c = loss_terms(model, _tensors(batch, device))
         total, tokens, correct = total + loss.item(), tokens + n.item(), correct + c.item()
     total, tokens, correct = distributed.sum_all(total, tokens, correct)
     model.train()
@@ -105,22 +142,26 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, row["step"])
 
 
-def train(model, batches, eval_batches, tcfg: TrainConfig, ocfg: OptimConfig, tokenizer=None,
+def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, tokenizer=None,
           resume: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
-    """Train `model` on `batches` (an iterator with state()/load_state()); returns the last log row."""
+    """Train `model` on `batches` (an iterator with state()/load_state()); returns the last log row.
+
+    evaluator(model) -> {"eval_loss": ..., ...} runs every `eval_interval` steps and at the end, on
+    every rank (it reduces over ranks itself); `tcfg.monitor` names the key that picks <out>/best."""
     from tqdm import tqdm
 
     os.makedirs(tcfg.out, exist_ok=True)
     model.to(device).train()
     optimizer = build_optimizer(model, ocfg)
     ckpt_dir = os.path.join(tcfg.out, "checkpoints")
-    step = 0
+    step, trainer = 0, {"best": None, "best_step": None, "bad_evals": 0}
     if resume:
-        step, data_states = checkpoint.load(resume, model, optimizer)
+        step, data_states, saved = checkpoint.load(resume, model, optimizer)
         if len(data_states) != tcfg.world_size:
             raise ValueError(f"{resume}: checkpoint has data states for {len(data_states)} ranks, this run has "
                              f"{tcfg.world_size}; resume with the same number of processes")
         batches.load_state(data_states[distributed.rank()])
+        trainer.update(saved)
     ddp = distributed.wrap(model, device)
     main = distributed.is_main()
     log = MetricsLog(tcfg.out) if main else None
@@ -138,39 +179,73 @@ def train(model, batches, eval_batches, tcfg: TrainConfig, ocfg: OptimConfig, to
         for i, b in enumerate(micro):
             sync = i == len(micro) - 1 or ddp is model
             with (contextlib.nullcontext() if sync else ddp.no_sync()), _autocast(device, tcfg.bf16):
-                loss, _, _ = loss_terms(ddp, b, tcfg.z_loss)
+                loss, _, _ = loss_terms(ddp, b, tcfg.z_loss, tcfg.label_smoothing)
             # DDP averages gradients over ranks; scaling by world size makes it the global token sum
             (loss * tcfg.world_size / n_tokens).backward()
             total += loss.item()
         (total,) = distributed.sum_all(total)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad or math.inf).item()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tcfg.clip_grad or math.inf).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_since += sum(b["input_ids"].numel() + b["labels"].numel() for b in micro)
         row = {"step": step, "loss": total / n_tokens, "lr": lr, "grad_norm": grad_norm}
-        if step % tcfg.log_interval == 0 or step == tcfg.steps:
+        stop = False
+        if evaluator is not None and tcfg.eval_interval and (step % tcfg.eval_interval == 0 or step == tcfg.steps):
+            row.update(evaluator(model))
+            if tcfg.monitor not in row:
+                raise ValueError(f"monitored metric {tcfg.monitor!r} is not among the evaluation's keys "
+                                 f"{sorted(k for k in row if k.startswith('eval_'))}")
+            if tcfg.improved(row[tcfg.monitor], trainer["best"]):
+                trainer.update(best=row[tcfg.monitor], best_step=step, bad_evals=0)
+                if main and tcfg.export_best:
+                    export(model, tokenizer, os.path.join(tcfg.out, "best"),
+                           {"step": step, "monitor": tcfg.monitor, "value": row[tcfg.monitor]})
+            else:
+                trainer["bad_evals"] += 1
+                stop = bool(tcfg.patience) and trainer["bad_evals"] >= tcfg.patience
+                if stop:
+                    row["early_stop"] = f"no {tcfg.monitor} improvement in {tcfg.patience} evaluations"
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                   if k.startswith("eval_") and isinstance(v, float)))
+        if step % tcfg.log_interval == 0 or step == tcfg.steps or "eval_loss" in row or stop:
             now = time.perf_counter()
-            row["tokens_per_s"] = tokens_since / (now - t_last)
+            row["tokens_per_s"] = tokens_since / (now - t_last) * tcfg.world_size
             t_last, tokens_since = now, 0
-            row["tokens_per_s"] *= tcfg.world_size
-            if tcfg.eval_interval and (step % tcfg.eval_interval == 0 or step == tcfg.steps) and eval_batches is not None:
-                row.update(evaluate(model, eval_batches, tcfg.eval_iters, device, tcfg.bf16))
             if main:
                 log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
-        if tcfg.save_interval and step % tcfg.save_interval == 0:
+        if stop or (tcfg.save_interval and step % tcfg.save_interval == 0):
             data_states = distributed.gather(batches.state())  # ranks may have consumed different counts
             if main:
-                checkpoint.save(ckpt_dir, step, model, optimizer, data_states, tcfg.keep_checkpoints)
+                checkpoint.save(ckpt_dir, step, model, optimizer, data_states, tcfg.keep_checkpoints, trainer)
+        if stop:
+            break
     bar.close()
     if main:
-        final = os.path.join(tcfg.out, "final")
-        save_pretrained(model, final)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(final)
-    return row
+        export(model, tokenizer, os.path.join(tcfg.out, "final"), {"step": step})
+    return {**row, "best_step": trainer["best_step"], "best": trainer["best"]}
+
+
+def export(model, tokenizer, folder: str, state: dict) -> None:
+    """HF-layout weights + tokenizer + trainer_state.json in `folder`, replaced as a whole: written
+    beside it first, so a crash mid-export leaves the previous export loadable."""
+    import shutil
+
+    from .atomic import write_json
+    tmp, old = folder + ".tmp", folder + ".old"
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    save_pretrained(model, tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    write_json(os.path.join(tmp, "trainer_state.json"), state)
+    if os.path.isdir(folder):
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_run_config(out: str, **parts) -> None:

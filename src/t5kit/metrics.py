@@ -1,0 +1,92 @@
+"""Text-to-text metrics: BLEU and chrF (sacrebleu), ROUGE (rouge-score), exact match, accuracy.
+
+Every score is on the 0-100 scale, as the T5 paper reports them (t5.evaluation.metrics).
+- bleu / chrf: sacrebleu corpus scores with its defaults (13a tokenisation, exponential
+  smoothing; chrF n=6, beta=2); the signature records the exact settings.
+- rouge1 / rouge2 / rougeL / rougeLsum: rouge-score F-measure with the Porter stemmer, averaged
+  over examples; rougeLsum splits both texts into sentences at newlines (rouge-score's convention).
+- exact_match / accuracy: the share of predictions equal to the target after T5's answer
+  normalisation (`normalize_answer`: lower case, no punctuation, no articles, single spaces;
+  t5.evaluation.qa_utils.normalize_squad). exact_match takes the best over several references.
+Needs the [eval] extra (sacrebleu, rouge-score); imported lazily.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+
+METRICS = ("bleu", "chrf", "rouge", "exact_match", "accuracy")
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """T5's SQuAD normalisation.
+
+    >>> normalize_answer("  The  Cat, sat on a mat! ")
+    'cat sat on mat'
+    """
+    text = text.lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def check_metrics(names: Sequence[str]) -> list[str]:
+    """Validate metric names and that their libraries import, before any heavy work."""
+    for n in names:
+        if n not in METRICS:
+            raise ValueError(f"unknown metric {n!r}: expected one of {', '.join(METRICS)}")
+    if {"bleu", "chrf"} & set(names):
+        _eval_extra("sacrebleu")
+    if "rouge" in names:
+        _eval_extra("rouge_score.rouge_scorer")
+    return list(names)
+
+
+def _eval_extra(name: str):
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ValueError(f"metric needs {name.split('.')[0]}: pip install 't5kit[eval]'") from None
+
+
+def compute(names: Sequence[str], predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict:
+    """-> flat {key: score} for the asked metrics (rouge expands to ROUGE_KEYS), plus
+    `sacrebleu_signature` when BLEU or chrF was asked. `references[i]` is a string, or a list
+    of strings for exact_match."""
+    check_metrics(names)
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        raise ValueError("no examples to score")
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    first = [r[0] for r in refs]
+    out: dict = {}
+    signatures = []
+    if "bleu" in names or "chrf" in names:
+        sacrebleu = _eval_extra("sacrebleu")
+        for name, cls in (("bleu", sacrebleu.metrics.BLEU), ("chrf", sacrebleu.metrics.CHRF)):
+            if name in names:
+                metric = cls()
+                out[name] = metric.corpus_score(list(predictions), [first]).score
+                signatures.append(f"{name}: {metric.get_signature()}")
+        out["sacrebleu_signature"] = "; ".join(signatures)
+    if "rouge" in names:
+        scorer = _eval_extra("rouge_score.rouge_scorer").RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+        sums = dict.fromkeys(ROUGE_KEYS, 0.0)
+        for pred, ref in zip(predictions, first):
+            # rougeLsum treats newlines as sentence boundaries; the other keys ignore them
+            scores = scorer.score(ref, pred)
+            for k in ROUGE_KEYS:
+                sums[k] += scores[k].fmeasure
+        out.update({k: 100 * v / len(predictions) for k, v in sums.items()})
+    if "exact_match" in names:
+        out["exact_match"] = 100 * sum(max(normalize_answer(p) == normalize_answer(r) for r in rs)
+                                       for p, rs in zip(predictions, refs)) / len(predictions)
+    if "accuracy" in names:
+        out["accuracy"] = 100 * sum(normalize_answer(p) == normalize_answer(r)
+                                    for p, r in zip(predictions, first)) / len(predictions)
+    return out
