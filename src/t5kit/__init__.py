@@ -9,14 +9,24 @@ which import model.py, so model.py cannot import them (DESIGN.md, dependency dir
 from . import generate as _generate
 from . import hf as _hf
 from .config import PRESETS, T5Config, get_preset
-from .demo import DemoConfig, demo
-from .jobs import EvalConfig, FinetuneConfig, PretrainConfig, evaluate, finetune, pretrain
 from .model import T5
 from .tokenizer import Tokenizer, train_tokenizer
 
 T5.from_pretrained = classmethod(_hf.from_pretrained)
 T5.save_pretrained = _hf.save_pretrained
 T5.generate = _generate.generate
+
+# The jobs load on first use (PEP 562), so `import t5kit` stays as light as the model itself.
+_JOBS = {"pretrain": "jobs", "finetune": "jobs", "evaluate": "jobs", "PretrainConfig": "jobs",
+         "FinetuneConfig": "jobs", "EvalConfig": "jobs", "demo": "demo", "DemoConfig": "demo"}
+
+
+def __getattr__(name: str):
+    if name in _JOBS:
+        import importlib
+        return getattr(importlib.import_module(f".{_JOBS[name]}", __name__), name)
+    raise AttributeError(f"module 't5kit' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 __all__ = ["T5", "T5Config", "PRESETS", "get_preset", "Tokenizer", "train_tokenizer", "pretrain", "finetune",

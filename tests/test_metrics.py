@@ -1,0 +1,58 @@
+"""Metrics equal sacrebleu and rouge-score called directly; T5's answer normalisation."""
+
+import pytest
+
+from t5kit.metrics import compute, normalize_answer
+
+sacrebleu = pytest.importorskip("sacrebleu")
+rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+
+PREDS = ["Au commencement, Dieu créa le ciel.", "La terre était vide et informe", "Il dit: que la lumière soit!",
+         "running dogs were barking.\nThey ran home.", ""]
+REFS = ["Au commencement, Dieu créa les cieux et la terre.", "La terre était informe et vide",
+        "Dieu dit: Que la lumière soit!", "The dogs ran and barked.\nThen they went home.", "Et la lumière fut."]
+
+
+def test_bleu_chrf_equal_sacrebleu():
+    got = compute(["bleu", "chrf"], PREDS, REFS)
+    assert got["bleu"] == sacrebleu.corpus_bleu(PREDS, [REFS]).score
+    assert got["chrf"] == sacrebleu.corpus_chrf(PREDS, [REFS]).score
+    assert 0 < got["bleu"] < 100 and "nrefs:1" in got["sacrebleu_signature"] and "chrf: nrefs:1|case:mixed|eff:yes|nc:6" in got["sacrebleu_signature"]
+
+
+def test_rouge_equals_rouge_score_with_stemming_and_lsum_on_newlines():
+    got = compute(["rouge"], PREDS, REFS)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        want = 100 * sum(scorer.score(r, p)[key].fmeasure for p, r in zip(PREDS, REFS)) / len(PREDS)
+        assert got[key] == pytest.approx(want, abs=1e-12)
+    # stemming: "running dogs ... barking" matches "dogs ran ... barked" better than without it
+    plain = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False).score(REFS[3], PREDS[3])["rouge1"].fmeasure
+    assert scorer.score(REFS[3], PREDS[3])["rouge1"].fmeasure > plain
+    # Lsum sees the newline as a sentence boundary, rougeL does not
+    assert scorer.score(REFS[3], PREDS[3])["rougeLsum"].fmeasure != scorer.score(REFS[3], PREDS[3])["rougeL"].fmeasure
+
+
+@pytest.mark.parametrize("text, want", [
+    ("The Cat", "cat"), ("  an  apple, a pear.  ", "apple pear"), ("Theatre", "theatre"), ("A-B!c", "abc"),
+    ("acceptable", "acceptable"), ("\tUNACCEPTABLE\n", "unacceptable"), ("", ""),
+])
+def test_normalize_answer(text, want):
+    assert normalize_answer(text) == want
+
+
+def test_exact_match_and_accuracy_normalise():
+    preds = ["The answer.", "acceptable", "unacceptable", "Paris"]
+    refs = ["answer", "Acceptable!", "acceptable", "paris "]
+    got = compute(["exact_match", "accuracy"], preds, refs)
+    assert got == {"exact_match": 75.0, "accuracy": 75.0}
+    assert compute(["exact_match"], ["a lion"], [["tiger", "Lion"]])["exact_match"] == 100.0  # best reference
+
+
+def test_bad_metric_and_lengths():
+    with pytest.raises(ValueError, match="unknown metric 'blue': expected one of bleu, chrf"):
+        compute(["blue"], ["a"], ["a"])
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        compute(["bleu"], ["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="no examples"):
+        compute(["bleu"], [], [])
