@@ -178,7 +178,7 @@ class PretrainConfig:
         if given.get("data_path"):
             return {}
         return dict(model_preset="tiny", seq_length=128, micro_batch_size=16, train_iters=1500, lr=3e-3,
-                    lr_warmup_iters=100, eval_interval=100, save_interval=500, save="runs/demo")
+                    lr_warmup_iters=100, eval_interval=100, save_interval=500)
 
 
 def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:

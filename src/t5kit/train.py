@@ -151,6 +151,7 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
     from tqdm import tqdm
 
     os.makedirs(tcfg.out, exist_ok=True)
+    torch.manual_seed(tcfg.seed + distributed.rank())  # dropout masks: reproducible, distinct per rank
     model.to(device).train()
     optimizer = build_optimizer(model, ocfg)
     ckpt_dir = os.path.join(tcfg.out, "checkpoints")
