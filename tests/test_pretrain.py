@@ -178,3 +178,26 @@ def test_bf16_training_runs_and_learns(corpus, tmp_path):
     assert main(_pretrain_args(corpus, out, 12, ["--bf16", "--lr", "3e-3"])) == 0
     losses = _losses(out)
     assert losses[12] < losses[1]
+
+
+@pytest.mark.slow
+def test_corpus_check_on_arbitrary_bytes_names_the_problem_or_counts(tmp_path_factory):
+    """Property (hypothesis): any bytes as a corpus give a document count or a clear ValueError."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from t5kit.data import check_corpus
+    folder = tmp_path_factory.mktemp("bytes")
+
+    @hypothesis.settings(max_examples=60, deadline=None)
+    @hypothesis.given(st.binary(max_size=300), st.sampled_from([".txt", ".jsonl"]))
+    def check(blob, ext):
+        path = folder / f"c{ext}"
+        path.write_bytes(blob)
+        try:
+            n = check_corpus([str(path)])
+        except ValueError as e:
+            assert str(path) in str(e) and ("line" in str(e) or "empty corpus" in str(e)), e
+        else:
+            assert n >= 1
+    check()

@@ -17,6 +17,7 @@ import numpy as np
 
 from .atomic import atomic_path, write_json
 from .spans import random_spans_helper, span_corrupt
+from .tasks import collate
 from .tokenizer import Tokenizer
 
 STORE_VERSION = 1
@@ -248,32 +249,12 @@ class SpanCorruptionBatches:
             ex = self._peek()
             row = next((r for r in rows if self._fits(r, ex)), None) if self.pack else None
             if row is None and len(rows) == self.batch_size:
-                return self._collate(rows)
+                return collate(rows, self.pad, (self.cfg.inputs_length, self.targets_length), self.pack)
             if row is None:
                 rows.append([ex])
             else:
                 row.append(ex)
             self.position += 1
-
-    def _collate(self, rows) -> dict:
-        b, n_in, n_tg = len(rows), self.cfg.inputs_length, self.targets_length
-        out = {k: np.zeros((b, n), np.int64) for k, n in
-               (("input_ids", n_in), ("segment_ids", n_in), ("decoder_input_ids", n_tg), ("labels", n_tg),
-                ("decoder_segment_ids", n_tg))}
-        out["labels"][:] = -100
-        for r, row in enumerate(rows):
-            i = t = 0
-            for seg, (inputs, targets) in enumerate(row, 1):
-                out["input_ids"][r, i:i + len(inputs)] = inputs
-                out["segment_ids"][r, i:i + len(inputs)] = seg
-                out["labels"][r, t:t + len(targets)] = targets
-                out["decoder_input_ids"][r, t + 1:t + len(targets)] = targets[:-1]  # shift right, start 0
-                out["decoder_segment_ids"][r, t:t + len(targets)] = seg
-                i, t = i + len(inputs), t + len(targets)
-        if not self.pack:
-            for k in ("segment_ids", "decoder_segment_ids"):
-                del out[k]
-        return out
 
 
 def _bible(translation: str):
@@ -333,7 +314,7 @@ def split_books(verses_per_book: dict[int, int], fractions: tuple[float, float],
     return chosen[0], chosen[1]
 
 
-def write_parallel_corpus(out_dir: str, source: str = "4", target: str = "l", fractions=(0.02, 0.04),
+def write_parallel_corpus(out_dir: str, source: str = "4", target: str = "l", fractions=(0.02, 0.02),
                           seed: int = 0) -> dict:
     """The demo's translation data from the embedded corpus: the World English Bible ('4') aligned
     verse by verse with the Louis Segond 1910 ('l'), split by whole books (`split_books`) so no

@@ -36,6 +36,8 @@ class DemoConfig:
                               default=False)
     vocab_size: int = 8000
     micro_batch_size: int = 32
+    pretrain_lr: float = 2e-3
+    finetune_lr: float = 1e-3
     max_length: int = _help("input and target tokens kept per verse", default=128)
     test_examples: int | None = _help("score the first N test verses (default: all of the held-out books)",
                                       default=None)
@@ -106,8 +108,8 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
     _say(f"step time {pt_step:.3f} s (pretrain) / {ft_step:.3f} s (fine-tune) -> {pt_iters} + {ft_iters} steps")
 
     pcfg = PretrainConfig(data_path=[pretrain_txt], tokenizer=tok_dir, model_preset=cfg.preset, seq_length=128,
-                          micro_batch_size=cfg.micro_batch_size, train_iters=pt_iters, lr=2e-3,
-                          lr_warmup_iters=min(200, pt_iters // 10), eval_interval=max(1, pt_iters // 10),
+                          micro_batch_size=cfg.micro_batch_size, train_iters=pt_iters, lr=cfg.pretrain_lr,
+                          lr_warmup_iters=min(200, pt_iters // 10), eval_interval=max(1, -(-pt_iters // 10)),
                           save_interval=0, log_interval=10, bf16=cfg.bf16, device=cfg.device, seed=cfg.seed,
                           save=os.path.join(out, "pretrain"))
     pretrain(pcfg, progress=progress)  # with --no-pretrain: 0 steps, the initial weights
@@ -115,8 +117,8 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
     fcfg = FinetuneConfig(model=os.path.join(pcfg.save, "final"), train=[os.path.join(data, "train.jsonl")],
                           valid=os.path.join(data, "valid.jsonl"), prefix=PREFIX, max_input_length=cfg.max_length,
                           max_target_length=cfg.max_length, micro_batch_size=cfg.micro_batch_size,
-                          train_iters=ft_iters, lr=1e-3, lr_warmup_iters=min(200, ft_iters // 10), dropout=0.1,
-                          label_smoothing=0.1, eval_interval=max(1, ft_iters // 4), eval_metric="bleu",
+                          train_iters=ft_iters, lr=cfg.finetune_lr, lr_warmup_iters=min(200, ft_iters // 10), dropout=0.1,
+                          label_smoothing=0.1, eval_interval=-(-ft_iters // 4), eval_metric="bleu",
                           eval_max_examples=100, save_interval=0, bf16=cfg.bf16, device=cfg.device, seed=cfg.seed,
                           save=os.path.join(out, "finetune"))
     ft = finetune(fcfg, progress=progress)
@@ -137,7 +139,7 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
         preds = [json.loads(line) for line in f]
     samples = [preds[i] for i in np.linspace(0, len(preds) - 1, 5).astype(int)]
     for s in samples:
-        _say(f"\n  EN  {s['input']}\n  REF {s['target']}\n  OUT {s['prediction']}")
+        _say(f"\n  EN  {s['input'].removeprefix(PREFIX)}\n  REF {s['target']}\n  OUT {s['prediction']}")
     plot = plot_losses({"pretrain": pcfg.save, "finetune": fcfg.save}, os.path.join(out, "loss_curves.png"))
     report = write_report(out, cfg, split, scores, samples, commands, minutes, plot,
                           {"pretrain": pt_iters, "finetune": ft_iters, "best_step": ft.get("best_step")})
@@ -185,7 +187,8 @@ def write_report(out: str, cfg: DemoConfig, split: dict, scores: dict, samples: 
         *(f"| {name} | {s['bleu']:.2f} | {s['chrf']:.2f} | {s['n_examples']} |" for name, s in scores.items()), "",
         f"sacrebleu: `{scores['greedy']['sacrebleu_signature']}`", "",
         "## Samples (greedy, test books)", "",
-        *(f"- EN: {s['input']}\n  - reference: {s['target']}\n  - t5kit: {s['prediction']}" for s in samples), "",
+        *(f"- EN: {s['input'].removeprefix(PREFIX)}\n  - reference: {s['target']}\n  - t5kit: {s['prediction']}"
+          for s in samples), "",
         "## Loss curves", "", f"![loss curves]({os.path.basename(plot)})", "",
         "## Reproduce each stage", "", "```bash",
         *(f"# {stage}\n{shlex.join(cmd)}" for stage, cmd in commands.items()), "```", ""]

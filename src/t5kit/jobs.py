@@ -112,12 +112,6 @@ def _load_model(model_dir: str, tok: Tokenizer):
     return model
 
 
-def _resume_path(save: str, load: str | None, resume: bool) -> str | None:
-    if load:
-        return load
-    return os.path.join(save, "checkpoints") if resume else None
-
-
 # ---- pretrain ----
 
 # Megatron-LM pretrain_t5.py flags -> T5Config fields. Same names, same meaning.
@@ -127,13 +121,53 @@ MEGATRON_MODEL = {"encoder_num_layers": "num_layers", "decoder_num_layers": "num
 
 
 @dataclass
-class PretrainConfig:
-    """Span-corruption pretraining; the fields are Megatron-LM pretrain_t5.py's flags."""
-    data_path: list[str] | None = _help("token store dir, or .txt / .jsonl / .parquet files", default=None)
-    save: str = "runs/pretrain"
+class LoopConfig:
+    """The training-loop flags `pretrain` and `finetune` share (Megatron-LM's names and meaning)."""
+    save: str = "runs/t5kit"
     load: str | None = _help("checkpoint file or folder to resume from", default=None)
     resume: bool = _help("continue from the latest checkpoint in --save (same as --load SAVE/checkpoints)",
                          default=False)
+    micro_batch_size: int = 8
+    global_batch_size: int | None = _help("micro batch x accumulation x ranks (default: no accumulation)",
+                                          default=None)
+    train_iters: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 100
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    bf16: bool = False
+    seed: int = 1234
+    device: str = "cpu"
+    save_interval: int = 500
+    eval_interval: int = 100
+    log_interval: int = 10
+
+    def loop(self, world: int, **train) -> tuple[TrainConfig, OptimConfig]:
+        """The loop's TrainConfig (with job-specific `train` fields) and OptimConfig."""
+        tcfg = TrainConfig(out=self.save, steps=self.train_iters, micro_batch=self.micro_batch_size,
+                           global_batch=self.global_batch_size or self.micro_batch_size * world,
+                           clip_grad=self.clip_grad, bf16=self.bf16, save_interval=self.save_interval,
+                           seed=self.seed, log_interval=self.log_interval, world_size=world,
+                           **{"eval_interval": self.eval_interval, **train})
+        ocfg = OptimConfig(name=self.optimizer, lr=self.lr, min_lr=self.min_lr, schedule=self.lr_decay_style,
+                           warmup_steps=min(self.lr_warmup_iters, self.train_iters), total_steps=self.train_iters,
+                           weight_decay=self.weight_decay)
+        return tcfg, ocfg
+
+    def resume_from(self) -> str | None:
+        if self.load:
+            return self.load
+        return os.path.join(self.save, "checkpoints") if self.resume else None
+
+
+@dataclass
+class PretrainConfig(LoopConfig):
+    """Span-corruption pretraining; the fields are Megatron-LM pretrain_t5.py's flags."""
+    save: str = "runs/pretrain"
+    data_path: list[str] | None = _help("token store dir, or .txt / .jsonl / .parquet files", default=None)
     model_preset: str | None = _help("architecture preset (default t5-v1_1-base)", default=None)
     model: str | None = _help("start from this HF checkpoint (directory or hub id)", default=None)
     tokenizer: str | None = _help("tokenizer directory; default: the --model's, else one trained on the data",
@@ -150,24 +184,8 @@ class PretrainConfig:
     decoder_seq_length: int | None = None
     max_position_embeddings: int | None = _help("checked (>= --seq-length), otherwise unused: T5 has "
                                                 "relative positions", default=None)
-    micro_batch_size: int = 8
-    global_batch_size: int | None = None
-    train_iters: int = 1000
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    lr_decay_style: str = "cosine"
-    lr_warmup_iters: int = 100
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
     z_loss: float = 0.0
-    bf16: bool = False
-    seed: int = 1234
-    device: str = "cpu"
-    save_interval: int = 500
-    eval_interval: int = 100
     eval_iters: int = 4
-    log_interval: int = 10
     workers: int = 1
     skip_bad_lines: bool = _help("skip (and count) corpus lines that are not UTF-8", default=False)
     drop_remainders: bool = _help("drop short group tails instead of packing them", default=False)
@@ -250,11 +268,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     if cfg.decoder_seq_length is not None and cfg.decoder_seq_length < batches.targets_length:
         raise ValueError(f"--decoder-seq-length {cfg.decoder_seq_length} < {batches.targets_length}, the "
                          f"targets length span corruption gives for --seq-length {cfg.seq_length}")
-    tcfg = TrainConfig(out=out, steps=cfg.train_iters, micro_batch=cfg.micro_batch_size,
-                       global_batch=cfg.global_batch_size or cfg.micro_batch_size * world, clip_grad=cfg.clip_grad,
-                       z_loss=cfg.z_loss, bf16=cfg.bf16, eval_interval=cfg.eval_interval,
-                       save_interval=cfg.save_interval, seed=cfg.seed, log_interval=cfg.log_interval, world_size=world)
-    ocfg = _optim(cfg)
+    tcfg, ocfg = cfg.loop(world, z_loss=cfg.z_loss)
     if main:
         write_run_config(out, model=model_cfg.to_hf_json(), train=tcfg, optim=ocfg, data=dcfg, flags=asdict(cfg))
         _say(f"parameters: {model_cfg.num_params():,}; {world} process(es); raw segment {batches.raw_len} -> "
@@ -266,14 +280,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         return loss_eval(m, itertools.islice(held_out, cfg.eval_iters), device, cfg.bf16)
 
     row = train(model, batches, evaluator, tcfg, ocfg, tokenizer=tok, device=device, progress=progress,
-                resume=_resume_path(out, cfg.load, cfg.resume))
+                resume=cfg.resume_from())
     return {**row, "final": os.path.join(out, "final")}
-
-
-def _optim(cfg) -> OptimConfig:
-    return OptimConfig(name=cfg.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, schedule=cfg.lr_decay_style,
-                       warmup_steps=min(cfg.lr_warmup_iters, cfg.train_iters), total_steps=cfg.train_iters,
-                       weight_decay=cfg.weight_decay)
 
 
 def unigram_entropy(tokens) -> float:
@@ -291,7 +299,7 @@ MONITOR = {"loss": "eval_loss", "rouge": "eval_rougeL"}  # others: eval_<metric>
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(LoopConfig):
     """Text-to-text fine-tuning on one task or a mixture (T5 paper section 3.5.2)."""
     model: str | None = _help("HF directory, hub id, or a t5kit pretrain / finetune output", default=None)
     train: list[str] = _help("task files (.jsonl .csv .tsv .parquet, a datasets dir, hf:NAME[@SPLIT]), each "
@@ -309,22 +317,11 @@ class FinetuneConfig:
     mixture: str = _help("proportional | temperature", default="proportional")
     mixture_cap: int | None = _help("examples-proportional cap K (T5 paper 3.5.2)", default=None)
     mixture_temperature: float = 1.0
-    micro_batch_size: int = 8
-    global_batch_size: int | None = None
-    train_iters: int = 1000
     lr: float = 3e-4
-    min_lr: float = 0.0
     lr_decay_style: str = "linear"
-    lr_warmup_iters: int = 100
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
     label_smoothing: float = 0.0
     dropout: float | None = _help("override the checkpoint's dropout rate", default=None)
     freeze: list[str] = _help(f"parts to keep fixed: {' '.join(FREEZE_PARTS)} (repeatable)", default_factory=list)
-    bf16: bool = False
-    seed: int = 1234
-    device: str = "cpu"
     eval_interval: int = 200
     eval_metric: str = _help(f"what picks <save>/best and drives --patience: {' | '.join(EVAL_METRICS)}",
                              default="loss")
@@ -332,10 +329,6 @@ class FinetuneConfig:
     eval_batch_size: int = 32
     eval_num_beams: int = 1
     patience: int = _help("stop after this many evaluations without improvement (0: never)", default=0)
-    save_interval: int = 500
-    log_interval: int = 10
-    load: str | None = _help("checkpoint file or folder to resume from", default=None)
-    resume: bool = _help("continue from the latest checkpoint in --save", default=False)
 
 
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
@@ -382,13 +375,9 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     n_frozen = freeze(model, cfg.freeze)
-    tcfg = TrainConfig(out=cfg.save, steps=cfg.train_iters, micro_batch=cfg.micro_batch_size,
-                       global_batch=cfg.global_batch_size or cfg.micro_batch_size * world, clip_grad=cfg.clip_grad,
-                       bf16=cfg.bf16, eval_interval=cfg.eval_interval if valid else 0, save_interval=cfg.save_interval,
-                       seed=cfg.seed, log_interval=cfg.log_interval, world_size=world,
-                       label_smoothing=cfg.label_smoothing, monitor=MONITOR.get(cfg.eval_metric, f"eval_{cfg.eval_metric}"),
-                       patience=cfg.patience, export_best=valid is not None)
-    ocfg = _optim(cfg)
+    tcfg, ocfg = cfg.loop(world, eval_interval=cfg.eval_interval if valid else 0, export_best=valid is not None,
+                          label_smoothing=cfg.label_smoothing, patience=cfg.patience,
+                          monitor=MONITOR.get(cfg.eval_metric, f"eval_{cfg.eval_metric}"))
     if rank == 0:
         write_run_config(cfg.save, model=model.config.to_hf_json(), train=tcfg, optim=ocfg, flags=asdict(cfg))
         _say(f"{model_dir}: {model.config.num_params():,} parameters ({n_frozen:,} frozen); {world} process(es)")
@@ -407,7 +396,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         return row
 
     row = train(model, batches, evaluator if valid else None, tcfg, ocfg, tokenizer=tok, device=device,
-                progress=progress, resume=_resume_path(cfg.save, cfg.load, cfg.resume))
+                progress=progress, resume=cfg.resume_from())
     return {**row, "final": os.path.join(cfg.save, "final"),
             "best_dir": os.path.join(cfg.save, "best") if valid else None}
 

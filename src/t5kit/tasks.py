@@ -350,10 +350,12 @@ def mixture_rates(sizes: list[int], mode: str = "proportional", cap: int | None 
 
 # ---- batches ----
 
-def _collate(rows: list[list[tuple[np.ndarray, np.ndarray]]], pad: int, shape: tuple[int, int] | None = None) -> dict:
+def collate(rows: list[list[tuple[np.ndarray, np.ndarray]]], pad: int, shape: tuple[int, int] | None = None,
+            segments: bool | None = None) -> dict:
     """B rows of (inputs, targets) examples -> a batch. shape=None: one example a row, padded to the
     longest (B, S) / (B, T). shape=(S, T): fixed shape, examples packed with segment ids, each
-    segment's decoder input starting with the start token (t5x `EncDecFeatureConverter(pack=True)`)."""
+    segment's decoder input starting with the start token (t5x `EncDecFeatureConverter(pack=True)`).
+    segments: keep segment_ids / decoder_segment_ids (default: when the shape is fixed)."""
     s = shape[0] if shape else max(len(i) for row in rows for i, _ in row)
     t = shape[1] if shape else max(len(g) for row in rows for _, g in row)
     out = {"input_ids": np.full((len(rows), s), pad, np.int64),
@@ -370,7 +372,7 @@ def _collate(rows: list[list[tuple[np.ndarray, np.ndarray]]], pad: int, shape: t
             out["decoder_input_ids"][r, j + 1:j + len(targets)] = targets[:-1]
             out["decoder_segment_ids"][r, j:j + len(targets)] = seg
             i, j = i + len(inputs), j + len(targets)
-    if not shape:
+    if not (shape is not None if segments is None else segments):
         del out["segment_ids"], out["decoder_segment_ids"]
     return out
 
@@ -519,7 +521,7 @@ class TaskBatches:
             self._make_chunk()
         rows = self._mine[self.batch]
         self.batch += 1
-        return _collate([[(self.tasks[t].inputs[i], self.tasks[t].targets[i]) for t, i in row] for row in rows],
+        return collate([[(self.tasks[t].inputs[i], self.tasks[t].targets[i]) for t, i in row] for row in rows],
                         self.pad, self.shape)
 
 
@@ -527,4 +529,4 @@ def eval_batches(task: TokenizedTask, batch_size: int, pad: int = 0) -> Iterator
     """One pass over every example in file order (not shuffled), padded to the longest in each
     batch; for validation loss. The last batch may be smaller."""
     for k in range(0, len(task.inputs), batch_size):
-        yield _collate([[(i, t)] for i, t in zip(task.inputs[k:k + batch_size], task.targets[k:k + batch_size])], pad)
+        yield collate([[(i, t)] for i, t in zip(task.inputs[k:k + batch_size], task.targets[k:k + batch_size])], pad)
