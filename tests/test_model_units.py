@@ -83,7 +83,7 @@ def test_bad_config_names_the_field(data, field):
 LEVELS = {"atomic": -1, "hub": -1,  # stdlib-only helpers under everything
           "config": 0, "spans": 0, "tokenizer": 0, "optim": 0, "metrics": 0,
           "model": 1, "data": 1, "tasks": 1, "generate": 2, "beam": 2, "hf": 2, "distributed": 2, "quantize": 2,
-          "checkpoint": 3, "train": 3, "serve": 3, "jobs": 4, "demo": 5, "__init__": 6, "cli": 6, "__main__": 7}
+          "checkpoint": 3, "train": 3, "serve": 3, "jobs": 4, "demo_job": 5, "__init__": 6, "cli": 6, "__main__": 7}
 
 
 # Same-level imports allowed where DESIGN.md puts one concept beside its user.
@@ -104,3 +104,15 @@ def test_import_direction():
                     assert dep != "cli" or mod == "__main__", f"{mod} imports cli"
                     ok = LEVELS[dep] < LEVELS[mod] or (mod, dep) in SAME_LEVEL_OK
                     assert ok, f"{mod} (level {LEVELS[mod]}) imports {dep} (level {LEVELS[dep]})"
+
+
+def test_public_names_survive_importing_every_submodule():
+    """Importing a submodule binds its name on the package; no module may shadow a public name
+    (a `demo.py` once turned `t5kit.demo` into a module once the CLI had been imported)."""
+    import importlib
+    for path in pathlib.Path(t5kit.__file__).parent.glob("*.py"):
+        if path.stem not in ("__init__", "__main__"):
+            importlib.import_module(f"t5kit.{path.stem}")
+    for name in t5kit.__all__:
+        obj = getattr(t5kit, name)
+        assert not isinstance(obj, type(t5kit)), f"t5kit.{name} is the module {obj.__name__}, not the public object"

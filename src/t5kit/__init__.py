@@ -18,7 +18,7 @@ T5.generate = _generate.generate
 
 # The jobs load on first use (PEP 562), so `import t5kit` stays as light as the model itself.
 _JOBS = {"pretrain": "jobs", "finetune": "jobs", "evaluate": "jobs", "PretrainConfig": "jobs",
-         "FinetuneConfig": "jobs", "EvalConfig": "jobs", "demo": "demo", "DemoConfig": "demo"}
+         "FinetuneConfig": "jobs", "EvalConfig": "jobs", "demo": "demo_job", "DemoConfig": "demo_job"}
 
 
 def __getattr__(name: str):

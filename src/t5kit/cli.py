@@ -174,7 +174,8 @@ def _add_job(sub, name: str, cls, job, help: str, description: str) -> None:
     for f in fields(cls):
         kind, nargs = _flag_kind(f.type)
         default = f.default if f.default is not MISSING else f.default_factory()
-        text = f.metadata.get("help", "") + ("" if default in (None, False, []) else f" (default: {default})")
+        shown = default is not None and default is not False and default != []
+        text = " ".join(filter(None, (f.metadata.get("help", ""), f"(default: {default})" if shown else "")))
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
             p.add_argument(flag, action="store_true", default=None, help=text)
@@ -203,7 +204,7 @@ def _run_job(cls, job, args) -> int:
 
 
 def _add_jobs(sub) -> None:
-    from . import demo, jobs
+    from . import demo_job, jobs
     _add_job(sub, "pretrain", jobs.PretrainConfig, jobs.pretrain,
              "pretrain a T5 with span corruption (Megatron pretrain_t5.py flags)",
              "Span-corruption pretraining. With no --data-path it trains on the embedded public-domain corpus "
@@ -214,7 +215,7 @@ def _add_jobs(sub) -> None:
     _add_job(sub, "evaluate", jobs.EvalConfig, jobs.evaluate, "generate for a labelled set and score it",
              "Batched, length-sorted generation, then BLEU / chrF (sacrebleu), ROUGE (rouge-score), exact "
              "match and accuracy (T5's answer normalisation). Prints the scores as JSON.")
-    _add_job(sub, "demo", demo.DemoConfig, demo.demo, "the end-to-end English -> French demo",
+    _add_job(sub, "demo", demo_job.DemoConfig, demo_job.demo, "the end-to-end English -> French demo",
              "Builds an English -> French Bible corpus split by whole books, trains a tokenizer, pretrains "
              "with span corruption, fine-tunes, evaluates BLEU / chrF on held-out books and writes "
              "<save>/report.md, all within --minutes.")
