@@ -129,6 +129,24 @@ def test_reader_errors_name_file_and_line(tmp_path, name, content, message):
         read_examples(TaskSource(str(tmp_path / name)))
 
 
+@pytest.mark.parametrize("name, content, n_bad", [
+    ("b.jsonl", b'{"input": "a", "target": "b"}\n{"input": "\xff", "target": "b"}\n{"input": "c"\n'
+                b'[1]\n{"input": "c", "tgt": "d"}\n{"input": null, "target": "b"}\n\n{"input": "e", "target": "f"}\n', 5),
+    ("b.csv", b"input,target\na,b\n\xfe,z\nx,y,z\n\ne,f\n", 2),
+])
+def test_skip_bad_lines_keeps_the_good_ones_and_counts_the_rest(tmp_path, sp_tok, name, content, n_bad):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{name}: line \d+ .*; fix it or pass --skip-bad-lines"):
+        read_examples(TaskSource(str(path)))
+    stats = {}
+    assert read_examples(TaskSource(str(path), "p: ", skip_bad_lines=True), stats) == [("p: a", "b"), ("p: e", "f")]
+    assert stats == {"skipped": n_bad}
+    for _ in range(2):  # tokenized, then from the cache: the count survives
+        task = tokenize_task(TaskSource(str(path), skip_bad_lines=True), sp_tok, 8, 8, cache_dir=str(tmp_path / "c"))
+        assert (len(task.inputs), task.n_skipped) == (2, n_bad)
+
+
 def test_missing_file(tmp_path, sp_tok):
     missing = str(tmp_path / "nope.jsonl")
     for call in (lambda: read_examples(TaskSource(missing)),
@@ -179,7 +197,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, sp_tok, monkeypatch):
     first = tokenize_task(TaskSource(str(f), "go: "), sp_tok, 16, 16, cache_dir=cache)
     assert len(os.listdir(cache)) == 1 and os.listdir(cache)[0].startswith("t-")
 
-    def boom(source):
+    def boom(source, stats=None):
         raise AssertionError("read the file")
     monkeypatch.setattr(tasks, "read_examples", boom)
     again = tokenize_task(TaskSource(str(f), "go: "), sp_tok, 16, 16, cache_dir=cache)

@@ -21,7 +21,7 @@ from .data import (DataConfig, SpanCorruptionBatches, TokenStore, build_token_st
 from .metrics import check_metrics, compute
 from .optim import OptimConfig
 from .spans import random_spans_helper
-from .tasks import TaskBatches, eval_batches, mixture_rates, parse_source, read_examples, tokenize_task
+from .tasks import TaskBatches, TaskSource, eval_batches, mixture_rates, parse_source, read_examples, tokenize_task
 from .tokenizer import Tokenizer, train_tokenizer
 from .train import FREEZE_PARTS, TrainConfig, evaluate as loss_eval, freeze, train, write_run_config
 
@@ -299,7 +299,21 @@ MONITOR = {"loss": "eval_loss", "rouge": "eval_rougeL"}  # others: eval_<metric>
 
 
 @dataclass
-class FinetuneConfig(LoopConfig):
+class TaskFields:
+    """How task files become (input, target) pairs: the flags `finetune` and `evaluate` share."""
+    prefix: str = _help("prefix for inputs of files given without one, e.g. 'translate English to French: '",
+                        default="")
+    input_field: str = "input"
+    target_field: str = "target"
+    skip_bad_lines: bool = _help("skip (and count) malformed lines: not UTF-8 or JSON, a field or cell missing",
+                                 default=False)
+
+    def source(self, spec: str) -> TaskSource:
+        return parse_source(spec, self.prefix, self.input_field, self.target_field, self.skip_bad_lines)
+
+
+@dataclass
+class FinetuneConfig(LoopConfig, TaskFields):
     """Text-to-text fine-tuning on one task or a mixture (T5 paper section 3.5.2)."""
     model: str | None = _help("HF directory, hub id, or a t5kit pretrain / finetune output", default=None)
     train: list[str] = _help("task files (.jsonl .csv .tsv .parquet, a datasets dir, hf:NAME[@SPLIT]), each "
@@ -307,10 +321,6 @@ class FinetuneConfig(LoopConfig):
     valid: str | None = _help("validation file (FILE or FILE:PREFIX)", default=None)
     save: str = "runs/finetune"
     tokenizer: str | None = _help("tokenizer directory (default: the model's)", default=None)
-    prefix: str = _help("prefix for inputs of files given without one, e.g. 'translate English to French: '",
-                        default="")
-    input_field: str = "input"
-    target_field: str = "target"
     max_input_length: int = 512
     max_target_length: int = 128
     pack: bool = _help("pack several examples per row (segment ids) instead of length buckets", default=False)
@@ -348,16 +358,15 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     rank, world, device = _setup(cfg.device, cfg.save)
     model_dir = resolve_model_dir(cfg.model)
     tok = _tokenizer_for(model_dir, cfg.tokenizer)
-    fields_kw = dict(prefix=cfg.prefix, input_field=cfg.input_field, target_field=cfg.target_field)
     cache = os.path.join(cfg.save, "cache")
     lengths = dict(max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length)
-    tasks = [tokenize_task(parse_source(spec, **fields_kw), tok, cache_dir=cache, progress=progress, **lengths)
+    tasks = [tokenize_task(cfg.source(spec), tok, cache_dir=cache, progress=progress, **lengths)
              for spec in cfg.train]
     for t in tasks:
         _report_task("train", t, cfg)
     valid = valid_texts = None
     if cfg.valid:
-        source = parse_source(cfg.valid, **fields_kw)
+        source = cfg.source(cfg.valid)
         valid = tokenize_task(source, tok, cache_dir=cache, **lengths)
         if not valid.inputs:
             raise ValueError(f"{source.path}: empty validation set")
@@ -403,6 +412,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
 
 def _report_task(split: str, t, cfg: FinetuneConfig) -> None:
     msg = f"{split} {t.name}: {len(t.inputs):,} examples"
+    if t.n_skipped:
+        msg += f"; skipped {t.n_skipped:,} malformed lines (--skip-bad-lines)"
     if t.n_truncated_inputs or t.n_truncated_targets:
         msg += (f"; truncated {t.n_truncated_inputs:,} inputs to --max-input-length {cfg.max_input_length} and "
                 f"{t.n_truncated_targets:,} targets to --max-target-length {cfg.max_target_length}")
@@ -433,7 +444,7 @@ def predict(model, tok, inputs: list[str], batch_size: int, progress: bool = Fal
 # ---- evaluate ----
 
 @dataclass
-class EvalConfig:
+class EvalConfig(TaskFields):
     """Generate for a labelled set and score it."""
     model: str | None = _help("HF directory, hub id, or a t5kit run directory", default=None)
     data: str | None = _help("labelled file (.jsonl .csv .tsv .parquet, ...), FILE or FILE:PREFIX", default=None)
@@ -441,9 +452,6 @@ class EvalConfig:
     predictions: str | None = _help("write {input, target, prediction} per example here (JSONL)", default=None)
     output: str | None = _help("write the scores here (one JSON object)", default=None)
     tokenizer: str | None = None
-    input_field: str = "input"
-    target_field: str = "target"
-    prefix: str = ""
     num_beams: int = 1
     max_new_tokens: int = 128
     max_input_length: int = 512
@@ -463,8 +471,10 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if not cfg.model or not cfg.data:
         raise ValueError("--model and --data are required")
     check_metrics(cfg.metric)
-    source = parse_source(cfg.data, cfg.prefix, cfg.input_field, cfg.target_field)
-    examples = read_examples(source)[:cfg.max_examples]
+    source, stats = cfg.source(cfg.data), {}
+    examples = read_examples(source, stats)[:cfg.max_examples]
+    if stats["skipped"]:
+        _say(f"{source.path}: skipped {stats['skipped']:,} malformed lines (--skip-bad-lines)")
     if not examples:
         raise ValueError(f"{source.path}: no examples to evaluate")
     model_dir = resolve_model_dir(cfg.model)

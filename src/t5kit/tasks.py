@@ -28,7 +28,7 @@ from .atomic import atomic_path
 
 EXTENSIONS = (".jsonl", ".csv", ".tsv", ".parquet")
 DECODER_START = 0  # T5 decoder_start_token_id (= pad id); every packed segment starts with it too
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _BLOCK = 1024  # mixture task choices are drawn in seeded blocks of this many draws
 
 
@@ -41,6 +41,7 @@ class TaskSource:
     input_field: str = "input"
     target_field: str = "target"
     name: str = ""          # short task name for logs (default: file stem, or the hf dataset name)
+    skip_bad_lines: bool = False  # skip (and count) malformed lines / rows instead of stopping
 
     def __post_init__(self):
         if not self.name:
@@ -51,7 +52,8 @@ class TaskSource:
             object.__setattr__(self, "name", name or self.path)
 
 
-def parse_source(spec: str, prefix: str = "", input_field: str = "input", target_field: str = "target") -> TaskSource:
+def parse_source(spec: str, prefix: str = "", input_field: str = "input", target_field: str = "target",
+                 skip_bad_lines: bool = False) -> TaskSource:
     """"FILE" or "FILE:PREFIX". A spec that is an existing path has no prefix; otherwise it splits at
     the first ':' whose left side exists, ends in a known extension, or is an hf: spec, so the prefix
     may itself hold ':'. A prefix in the spec beats the `prefix` argument.
@@ -74,7 +76,7 @@ def parse_source(spec: str, prefix: str = "", input_field: str = "input", target
                 path, prefix = left, spec[i + 1:]
                 break
             i = spec.find(":", i + 1)
-    return TaskSource(path, prefix, input_field, target_field)
+    return TaskSource(path, prefix, input_field, target_field, skip_bad_lines=skip_bad_lines)
 
 
 def _check_exists(path: str) -> None:
@@ -82,88 +84,126 @@ def _check_exists(path: str) -> None:
         raise FileNotFoundError(f"{path}: task file not found")
 
 
+class BadLine(ValueError):
+    """A malformed line or row: an error, or with TaskSource.skip_bad_lines skipped and counted."""
+
+
 def _text(path: str, where: str, field: str, value, flag: str) -> str:
-    """A field's value as text: strings as they are, numbers as str; anything else is an error."""
+    """A field's value as text: strings as they are, numbers as str; anything else is a bad line."""
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+            raise BadLine(f"{path}: {where} field {field!r} holds an unpaired surrogate escape, "
+                          "which is not text") from None
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    raise ValueError(f"{path}: {where} has no {field!r} field of text or a number (got {type(value).__name__}: "
-                     f"{str(value)[:40]}); set --{flag}")
+    raise BadLine(f"{path}: {where} has no {field!r} field of text or a number (got {type(value).__name__}: "
+                  f"{str(value)[:40]}); set --{flag}")
 
 
-def read_examples(source: TaskSource) -> list[tuple[str, str]]:
-    """(prefix + input, target) pairs in file order. Errors name the file and the line (row)."""
+def read_examples(source: TaskSource, stats: dict | None = None) -> list[tuple[str, str]]:
+    """(prefix + input, target) pairs in file order. A malformed line or row is an error naming the
+    file and line (row), or with source.skip_bad_lines is skipped and counted in stats['skipped']."""
     path = source.path
-    if path.startswith("hf:"):
-        ds = _load_hf(path)
-        return _from_columns(path, source, ds.column_names, lambda c: list(ds[c]))
-    _check_exists(path)
-    if os.path.isdir(path):
-        ds = _load_from_disk(path)
-        return _from_columns(path, source, ds.column_names, lambda c: list(ds[c]))
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".jsonl":
-        return _read_jsonl(path, source)
-    if ext in (".csv", ".tsv"):
-        return _read_csv(path, source, "\t" if ext == ".tsv" else ",")
-    if ext == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(f"{path}: reading parquet needs pyarrow (pip install 't5kit[data]')") from None
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...
-            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
-        return _from_columns(path, source, table.column_names, lambda c: table.column(c).to_pylist())
-    raise ValueError(f"{path}: unknown task file type {ext or '(no extension)'!r}; expected one of "
-                     f"{', '.join(EXTENSIONS)}, a datasets save_to_disk directory, or hf:NAME[@SPLIT]")
-
-
-def _decode(path: str) -> str:
-    """The whole file as text; a byte that is not UTF-8 is named by line and file offset."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}: line {line} is not UTF-8 (byte offset {e.start})") from None
-    return text.removeprefix("\ufeff")  # a byte-order mark, as spreadsheet exports write
-
-
-def _read_jsonl(path: str, source: TaskSource) -> list[tuple[str, str]]:
-    out = []
-    for n, line in enumerate(_decode(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, int too long, nesting too deep
-            raise ValueError(f"{path}: line {n} is not a JSON object ({str(e)[:80]})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}: line {n} is not a JSON object (got {type(obj).__name__})")
-        pair = []
-        for field, flag in ((source.input_field, "input-field"), (source.target_field, "target-field")):
-            if field not in obj:
-                keys = ", ".join(map(str, list(obj)[:20]))
-                raise ValueError(f"{path}: line {n} has no {field!r} field (keys: {keys}); set --{flag}")
-            text = _text(path, f"line {n}", field, obj[field], flag)
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
-                raise ValueError(f"{path}: line {n} field {field!r} holds an unpaired surrogate escape, "
-                                 "which is not text") from None
-            pair.append(text)
-        out.append((source.prefix + pair[0], pair[1]))
+    if path.startswith("hf:") or os.path.isdir(path):
+        ds = _load_hf(path) if path.startswith("hf:") else _load_from_disk(path)
+        rows = _column_rows(path, source, ds.column_names, lambda c: list(ds[c]))
+    else:
+        _check_exists(path)
+        ext = os.path.splitext(path)[1].lower()
+        if ext == ".jsonl":
+            rows = _jsonl_rows(path, source)
+        elif ext in (".csv", ".tsv"):
+            rows = _csv_rows(path, source, "\t" if ext == ".tsv" else ",")
+        elif ext == ".parquet":
+            table = _read_parquet(path)
+            rows = _column_rows(path, source, table.column_names, lambda c: table.column(c).to_pylist())
+        else:
+            raise ValueError(f"{path}: unknown task file type {ext or '(no extension)'!r}; expected one of "
+                             f"{', '.join(EXTENSIONS)}, a datasets save_to_disk directory, or hf:NAME[@SPLIT]")
+    out, skipped = [], 0
+    for row in rows:  # (input, target) or the BadLine that stands for a malformed line
+        if isinstance(row, BadLine):
+            if not source.skip_bad_lines:
+                raise BadLine(f"{row}; fix it or pass --skip-bad-lines")
+            skipped += 1
+        else:
+            out.append((source.prefix + row[0], row[1]))
+    if stats is not None:
+        stats["skipped"] = stats.get("skipped", 0) + skipped
     return out
 
 
-def _read_csv(path: str, source: TaskSource, delimiter: str) -> list[tuple[str, str]]:
-    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
+def _read_parquet(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading parquet needs pyarrow (pip install 't5kit[data]')") from None
+    try:
+        return pq.read_table(path)
+    except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _lines(path: str) -> Iterator[str | BadLine]:
+    """The file's lines split at b"\n" (as JSONL defines them; endings kept), a line that is not
+    UTF-8 as a BadLine naming its line and byte offset; a leading byte-order mark is dropped."""
+    offset = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+                yield text.removeprefix("\ufeff") if n == 1 else text  # as spreadsheet exports write
+            except UnicodeDecodeError as e:
+                yield BadLine(f"{path}: line {n} is not UTF-8 (byte offset {offset + e.start})")
+            offset += len(raw)
+
+
+def _jsonl_rows(path: str, source: TaskSource) -> Iterator[tuple[str, str] | BadLine]:
+    for n, line in enumerate(_lines(path), 1):
+        if isinstance(line, BadLine):
+            yield line
+        elif line.strip():
+            yield _jsonl_pair(path, n, line, source)
+
+
+def _jsonl_pair(path: str, n: int, line: str, source: TaskSource) -> tuple[str, str] | BadLine:
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, int too long, nesting too deep
+        return BadLine(f"{path}: line {n} is not a JSON object ({str(e)[:80]})")
+    if not isinstance(obj, dict):
+        return BadLine(f"{path}: line {n} is not a JSON object (got {type(obj).__name__})")
+    pair = []
+    for field, flag in ((source.input_field, "input-field"), (source.target_field, "target-field")):
+        if field not in obj:
+            keys = ", ".join(map(str, list(obj)[:20]))
+            return BadLine(f"{path}: line {n} has no {field!r} field (keys: {keys}); set --{flag}")
+        try:
+            pair.append(_text(path, f"line {n}", field, obj[field], flag))
+        except BadLine as e:
+            return e
+    return pair[0], pair[1]
+
+
+def _csv_rows(path: str, source: TaskSource, delimiter: str) -> Iterator[tuple[str, str] | BadLine]:
+    bad = []  # lines that are not UTF-8 reach the csv reader blank, and come out here instead
+
+    def text_lines():
+        for line in _lines(path):
+            if isinstance(line, BadLine):
+                bad.append(line)
+                line = "\n"
+            yield line
+
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    reader = csv.reader(text_lines(), delimiter=delimiter)
     try:
         header = next(reader, None)
+        if bad:
+            raise ValueError(f"{bad[0]}; the header row must be readable")
         if header is None:
             raise ValueError(f"{path}: empty file; expected a header row naming the columns")
         cols = []
@@ -171,27 +211,33 @@ def _read_csv(path: str, source: TaskSource, delimiter: str) -> list[tuple[str, 
             if field not in header:
                 raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(header)}); set --{flag}")
             cols.append(header.index(field))
-        out = []
         for row in reader:
+            yield from bad
+            bad.clear()
             if not row:  # blank line
                 continue
             if len(row) != len(header):
-                raise ValueError(f"{path}: line {reader.line_num} has {len(row)} cells, the header has {len(header)}")
-            out.append((source.prefix + row[cols[0]], row[cols[1]]))
-    except csv.Error as e:  # e.g. a field over the csv module's size limit
-        kind = "TSV" if delimiter == "\t" else "CSV"
+                yield BadLine(f"{path}: line {reader.line_num} has {len(row)} cells, the header has {len(header)}")
+                continue
+            yield row[cols[0]], row[cols[1]]
+        yield from bad
+    except csv.Error as e:  # e.g. a field over the csv module's size limit; the reader cannot go on
         raise ValueError(f"{path}: line {reader.line_num} is not valid {kind} ({e})") from None
-    return out
 
 
-def _from_columns(path: str, source: TaskSource, columns: list[str], get) -> list[tuple[str, str]]:
+def _column_rows(path: str, source: TaskSource, columns: list[str], get) -> Iterator[tuple[str, str] | BadLine]:
     """Rows of a columnar source (parquet, datasets); `get(column)` -> list of values."""
     values = []
     for field, flag in ((source.input_field, "input-field"), (source.target_field, "target-field")):
         if field not in columns:
             raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(columns)}); set --{flag}")
-        values.append([_text(path, f"row {r}", field, v, flag) for r, v in enumerate(get(field), 1)])
-    return [(source.prefix + i, t) for i, t in zip(*values)]
+        values.append(get(field))
+    for r, (i, t) in enumerate(zip(*values), 1):
+        try:
+            yield (_text(path, f"row {r}", source.input_field, i, "input-field"),
+                   _text(path, f"row {r}", source.target_field, t, "target-field"))
+        except BadLine as e:
+            yield e
 
 
 def _datasets(path: str):
@@ -234,6 +280,7 @@ class TokenizedTask:
     targets: list[np.ndarray]
     n_truncated_inputs: int
     n_truncated_targets: int
+    n_skipped: int = 0          # malformed lines skipped (TaskSource.skip_bad_lines)
 
 
 def _source_key(path: str) -> object:
@@ -264,7 +311,7 @@ def tokenize_task(source: TaskSource, tok, max_input_length: int, max_target_len
     cache = None
     if cache_dir is not None:
         key = json.dumps([CACHE_VERSION, _source_key(source.path), source.prefix, source.input_field,
-                          source.target_field, tok.fingerprint(), max_input_length, max_target_length])
+                          source.target_field, source.skip_bad_lines, tok.fingerprint(), max_input_length, max_target_length])
         safe = re.sub(r"[^\w.-]", "_", source.name)[:60]
         cache = os.path.join(cache_dir, f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
         task = _load_cache(cache, source.name)
@@ -272,15 +319,15 @@ def tokenize_task(source: TaskSource, tok, max_input_length: int, max_target_len
             return task
     from tqdm import tqdm
 
-    inputs, targets, n_in, n_tg = [], [], 0, 0
-    for text, target in tqdm(read_examples(source), desc=f"tokenize {source.name}", unit="ex", disable=not progress):
+    inputs, targets, n_in, n_tg, stats = [], [], 0, 0, {}
+    for text, target in tqdm(read_examples(source, stats), desc=f"tokenize {source.name}", unit="ex", disable=not progress):
         ids, cut = _truncate(tok.encode(text), max_input_length, tok.eos_id)
         inputs.append(ids)
         n_in += cut
         ids, cut = _truncate(tok.encode(target), max_target_length, tok.eos_id)
         targets.append(ids)
         n_tg += cut
-    task = TokenizedTask(source.name, inputs, targets, n_in, n_tg)
+    task = TokenizedTask(source.name, inputs, targets, n_in, n_tg, stats.get("skipped", 0))
     if cache is not None:
         _save_cache(cache, task)
     return task
@@ -296,7 +343,8 @@ def _save_cache(path: str, task: TokenizedTask) -> None:
     (ins, in_off), (tgs, tg_off) = _flat(task.inputs), _flat(task.targets)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
         np.savez(f, inputs=ins, input_offsets=in_off, targets=tgs, target_offsets=tg_off,
-                 truncated=np.array([task.n_truncated_inputs, task.n_truncated_targets], np.int64))
+                 truncated=np.array([task.n_truncated_inputs, task.n_truncated_targets], np.int64),
+                 skipped=np.array(task.n_skipped, np.int64))
 
 
 def _load_cache(path: str, name: str) -> TokenizedTask | None:
@@ -304,11 +352,12 @@ def _load_cache(path: str, name: str) -> TokenizedTask | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             ins, tgs = z["inputs"], z["targets"]
-            in_off, tg_off, cut = z["input_offsets"], z["target_offsets"], z["truncated"]
+            in_off, tg_off, cut, skipped = z["input_offsets"], z["target_offsets"], z["truncated"], z["skipped"]
     except (OSError, ValueError, KeyError, EOFError):
         return None
     return TokenizedTask(name, np.split(ins, in_off[1:-1]) if len(in_off) > 1 else [],
-                         np.split(tgs, tg_off[1:-1]) if len(tg_off) > 1 else [], int(cut[0]), int(cut[1]))
+                         np.split(tgs, tg_off[1:-1]) if len(tg_off) > 1 else [], int(cut[0]), int(cut[1]),
+                         int(skipped))
 
 
 # ---- mixtures ----
