@@ -17,7 +17,7 @@ import numpy as np
 
 from .atomic import atomic_path, write_json
 from .spans import random_spans_helper, span_corrupt
-from .tasks import collate
+from .tasks import BadLine, collate, utf8_lines
 from .tokenizer import Tokenizer
 
 STORE_VERSION = 1
@@ -38,28 +38,22 @@ def iter_documents(path: str, skip_bad_lines: bool = False, text_field: str = "t
         for row in datasets.load_dataset("parquet", data_files=path, split="train"):
             yield row[text_field]
         return
-    offset = 0
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            start, offset = offset, offset + len(raw)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if not skip_bad_lines:
-                    raise ValueError(f"{path}: line {n} is not UTF-8 (byte offset {start + e.start}); "
-                                     "fix the file or pass --skip-bad-lines") from None
-                if stats is not None:
-                    stats["skipped"] = stats.get("skipped", 0) + 1
+    for n, line in enumerate(utf8_lines(path), 1):
+        if isinstance(line, BadLine):
+            if not skip_bad_lines:
+                raise ValueError(f"{line}; fix the file or pass --skip-bad-lines")
+            if stats is not None:
+                stats["skipped"] = stats.get("skipped", 0) + 1
+            continue
+        if path.endswith(".jsonl"):
+            if not line.strip():
                 continue
-            if path.endswith(".jsonl"):
-                if not line.strip():
-                    continue
-                try:
-                    line = json.loads(line)[text_field]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}: line {n} is not a JSON object with a {text_field!r} string") from None
-            if line.strip():
-                yield line.rstrip("\n")
+            try:
+                line = json.loads(line)[text_field]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}: line {n} is not a JSON object with a {text_field!r} string") from None
+        if line.strip():
+            yield line.rstrip("\n")
 
 
 def _check_files(paths: list[str]) -> None:

@@ -116,7 +116,12 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
     train_end = deadline - EVAL_SHARE * 60 * cfg.minutes
     pt_iters = 0 if cfg.no_pretrain else int(cfg.pretrain_share * (train_end - time.perf_counter()) / pt_step)
     _say(f"step time {pt_step:.3f} s (pretrain) / {ft_step:.3f} s (fine-tune); {pt_iters} pretraining steps")
-    stages = {"data and tokenizer": time.perf_counter() - start}
+    stages = {}  # stage -> seconds
+
+    def lap(stage: str) -> None:
+        stages[stage] = time.perf_counter() - start - sum(stages.values())
+
+    lap("data and tokenizer")
 
     pcfg = PretrainConfig(data_path=[pretrain_txt], tokenizer=tok_dir, model_preset=cfg.preset, seq_length=128,
                           micro_batch_size=cfg.micro_batch_size, train_iters=pt_iters, lr=cfg.pretrain_lr,
@@ -125,7 +130,7 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
                           save=os.path.join(out, "pretrain"))
     pretrain(pcfg, progress=progress)  # with --no-pretrain: 0 steps, the initial weights
     commands["pretrain"] = ["t5kit", "pretrain", *to_flags(pcfg)]
-    stages["pretrain"] = time.perf_counter() - start - sum(stages.values())
+    lap("pretrain")
     ft_iters = max(1, int(0.9 * (train_end - time.perf_counter()) / ft_step))  # 10%: validation BLEU
     _say(f"{ft_iters} fine-tuning steps")
     fcfg = FinetuneConfig(model=os.path.join(pcfg.save, "final"), train=[os.path.join(data, "train.jsonl")],
@@ -139,7 +144,7 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
                           save=os.path.join(out, "finetune"))
     ft = finetune(fcfg, progress=progress)
     commands["finetune"] = ["t5kit", "finetune", *to_flags(fcfg)]
-    stages["finetune"] = time.perf_counter() - start - sum(stages.values())
+    lap("finetune")
 
     scores = {}
     for name, beams in (("greedy", 1), ("beam4", 4)):
@@ -151,7 +156,7 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
         scores[name] = evaluate(ecfg, progress=progress)
         commands[f"evaluate ({name})"] = ["t5kit", "evaluate", *to_flags(ecfg)]
         _say(f"test {name}: BLEU {scores[name]['bleu']:.2f}, chrF {scores[name]['chrf']:.2f}")
-    stages["test"] = time.perf_counter() - start - sum(stages.values())
+    lap("test")
     minutes = (time.perf_counter() - start) / 60
     with open(os.path.join(out, "test_greedy.jsonl"), encoding="utf-8") as f:
         preds = [json.loads(line) for line in f]

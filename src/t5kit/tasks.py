@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import os
 import re
@@ -147,7 +146,7 @@ def _read_parquet(path: str):
         raise ValueError(f"{path}: not a readable parquet file ({e})") from None
 
 
-def _lines(path: str) -> Iterator[str | BadLine]:
+def utf8_lines(path: str) -> Iterator[str | BadLine]:
     """The file's lines split at b"\n" (as JSONL defines them; endings kept), a line that is not
     UTF-8 as a BadLine naming its line and byte offset; a leading byte-order mark is dropped."""
     offset = 0
@@ -162,7 +161,7 @@ def _lines(path: str) -> Iterator[str | BadLine]:
 
 
 def _jsonl_rows(path: str, source: TaskSource) -> Iterator[tuple[str, str] | BadLine]:
-    for n, line in enumerate(_lines(path), 1):
+    for n, line in enumerate(utf8_lines(path), 1):
         if isinstance(line, BadLine):
             yield line
         elif line.strip():
@@ -192,7 +191,7 @@ def _csv_rows(path: str, source: TaskSource, delimiter: str) -> Iterator[tuple[s
     bad = []  # lines that are not UTF-8 reach the csv reader blank, and come out here instead
 
     def text_lines():
-        for line in _lines(path):
+        for line in utf8_lines(path):
             if isinstance(line, BadLine):
                 bad.append(line)
                 line = "\n"
