@@ -1,14 +1,23 @@
-"""New tokens/s of t5kit vs transformers, side by side and interleaved, on random checkpoints of
-published shapes. CPU, fp32, 64 input tokens, exactly 64 new tokens (min_new_tokens = max).
-Prints one JSON line per (shape, case) with medians over --repeats runs and the ratio.
+"""New tokens/s of t5kit against transformers and CTranslate2, side by side and interleaved in one
+process, on random checkpoints of published shapes: 64 input tokens, exactly 64 new tokens
+(min_new_tokens = max). One JSON line per (shape, case) with medians over --repeats runs and the
+ratios of t5kit over each contender.
 
-    python benchmarks/generate.py --shapes t5-small t5-v1_1-small t5-base --threads 2
+    python benchmarks/generate.py --shapes t5-small t5-base --threads 2            # CPU, fp32 + int8
+    python benchmarks/generate.py --device cuda --dtype bf16 --shapes t5-base       # GPU
+
+Contenders: transformers' default `generate` and, on CUDA, its fastest mode
+(`cache_implementation="static"`, which compiles itself on first use); CTranslate2 (the `[bench]`
+extra) converting t5kit's own `save_pretrained` export, fp32 or int8 as the case asks, with its
+greedy ids checked against t5kit's. First-call warm-up (compilation, graph capture) is reported
+per contender, not counted in the medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -18,12 +27,32 @@ import torch
 CASES = {  # name -> (batch, generate kwargs, int8)
     "greedy_b1": (1, {}, False),
     "greedy_b16": (16, {}, False),
+    "greedy_b32": (32, {}, False),
     "beam4_b1": (1, {"num_beams": 4}, False),
     "int8_greedy_b1": (1, {}, True),
+    "int8_greedy_b16": (16, {}, True),
+    "int8_beam4_b1": (1, {"num_beams": 4}, True),
 }
+CPU_CASES = ["greedy_b1", "greedy_b16", "beam4_b1", "int8_greedy_b1", "int8_greedy_b16", "int8_beam4_b1"]
+GPU_CASES = ["greedy_b1", "greedy_b32", "beam4_b1"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CT2_TYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def build(shape: str, folder: str):
+def write_word_tokenizer(folder: str, vocab_size: int) -> None:
+    """A word-level tokenizer whose tokens are the ids' names ("<pad>", "</s>", "<unk>", "t3", ...):
+    CTranslate2's converter reads the vocabulary from the checkpoint's tokenizer, and random
+    checkpoints have none."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "</s>", "<unk>"] + [f"t{i}" for i in range(3, vocab_size)])}
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                   pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+
+
+def build(shape: str, folder: str, device: str, dtype: torch.dtype):
     import transformers
 
     import t5kit
@@ -32,54 +61,114 @@ def build(shape: str, folder: str):
     hf_cls = transformers.T5Config if cfg.model_type == "t5" else transformers.MT5Config
     ref = transformers.T5ForConditionalGeneration(hf_cls(**cfg.to_hf_json())).eval()
     ref.save_pretrained(folder)
-    return ref, t5kit.T5.from_pretrained(folder)
+    write_word_tokenizer(folder, cfg.vocab_size)
+    ref = ref.to(device=device, dtype=dtype)
+    return ref, t5kit.T5.from_pretrained(folder, dtype=dtype, device=device)
 
 
-def timed(fn) -> float:
+def ct2_translator(folder: str, quant: str, device: str, threads: int):
+    """CTranslate2 over the same checkpoint, or None when the package is not installed."""
+    try:
+        import ctranslate2
+    except ImportError:
+        return None
+    out = os.path.join(folder, f"ct2-{quant}")
+    if not os.path.isdir(out):
+        ctranslate2.converters.TransformersConverter(folder).convert(out, quantization=quant)
+    return ctranslate2.Translator(out, device=device, compute_type=quant, intra_threads=threads, inter_threads=1)
+
+
+def timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def contenders(ref, ours, ct2, ids, mask, kw, n, device):
+    """name -> zero-argument run function, each producing (batch, n) new ids."""
+    common = dict(max_new_tokens=n, min_new_tokens=n, **kw)
+    runs = {"t5kit": lambda: ours.generate(ids, mask, **common)}
+    if ref is not None:
+        runs["transformers"] = lambda: ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, **common)
+        if device == "cuda":
+            runs["transformers_static"] = lambda: ref.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False, cache_implementation="static", **common)
+    if ct2 is not None:
+        source = [[("<pad>", "</s>", "<unk>")[i] if i < 3 else f"t{i}" for i in row] for row in ids.tolist()]
+        beam = kw.get("num_beams", 1)
+        runs["ctranslate2"] = lambda: ct2.translate_batch(
+            source, beam_size=beam, max_decoding_length=n, min_decoding_length=n, max_batch_size=len(source))
+    return runs
+
+
+def ct2_ids(result) -> list[list[int]]:
+    return [[{"<pad>": 0, "</s>": 1, "<unk>": 2}.get(t) if t[0] == "<" else int(t[1:]) for t in r.hypotheses[0]]
+            for r in result]
+
+
+def bench_case(shape, case, ref, ours, ct2, args) -> dict:
+    batch, kw, quant = CASES[case]
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, ours.config.vocab_size - 100, (batch, args.input_tokens), generator=gen)
+    ids[:, -1] = 1
+    ids, mask = ids.to(args.device), torch.ones_like(ids).to(args.device)
+    runs = contenders(ref, ours, ct2, ids, mask, kw, args.new_tokens, args.device)
+    warmup = {name: round(timed(run, args.device), 2) for name, run in runs.items()}
+    if "ctranslate2" in runs and not kw:  # greedy: CTranslate2 must produce t5kit's ids
+        same = ct2_ids(runs["ctranslate2"]()) == ours.generate(ids, mask, max_new_tokens=args.new_tokens,
+                                                                min_new_tokens=args.new_tokens).tolist()
+    else:
+        same = None
+    times = {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved: every contender sees the same machine noise
+        for name, run in runs.items():
+            times[name].append(timed(run, args.device))
+    tok_s = {name: batch * args.new_tokens / statistics.median(t) for name, t in times.items()}
+    line = {"bench": "generate", "shape": shape, "case": case, "device": args.device,
+            "dtype": "int8" if quant else args.dtype, "threads": args.threads, "repeats": args.repeats}
+    line.update({f"{name}_tok_s": round(v, 1) for name, v in tok_s.items()})
+    line.update({f"t5kit_over_{name}": round(tok_s["t5kit"] / v, 2) for name, v in tok_s.items() if name != "t5kit"})
+    line["warmup_s"] = warmup
+    if same is not None:
+        line["ctranslate2_greedy_ids_equal"] = same
+    return line
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="+", default=["t5-small", "t5-v1_1-small", "t5-base"])
-    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--shapes", nargs="+", default=["t5-small", "t5-base"])
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), help="default: the CPU or GPU set for --device")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--input-tokens", type=int, default=64)
+    ap.add_argument("--no-ctranslate2", action="store_true", help="leave CTranslate2 out even when installed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    cases = args.cases or (GPU_CASES if args.device == "cuda" else CPU_CASES)
+    if args.device != "cpu" and any(CASES[c][2] for c in cases):
+        ap.error("int8 cases run on CPU only")
+    import t5kit
     from t5kit.quantize import quantize_int8
 
     for shape in args.shapes:
         with tempfile.TemporaryDirectory() as folder:
-            ref, ours = build(shape, folder)
+            ref, ours = build(shape, folder, args.device, DTYPES[args.dtype])
             int8 = None
-            for case in args.cases:
-                batch, kw, quant = CASES[case]
+            for case in cases:
+                quant = CASES[case][2]
                 if quant and int8 is None:
-                    int8 = quantize_int8(__import__("t5kit").T5.from_pretrained(folder))
-                model = int8 if quant else ours
-                gen = torch.Generator().manual_seed(1)
-                ids = torch.randint(3, 32000, (batch, args.input_tokens), generator=gen)
-                ids[:, -1] = 1
-                mask = torch.ones_like(ids)
-                n = args.new_tokens
-                common = dict(max_new_tokens=n, min_new_tokens=n, **kw)
-                run_ours = lambda: model.generate(ids, mask, **common)  # noqa: E731
-                run_ref = lambda: ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, **common)  # noqa: E731
-                run_ours(), run_ref()  # warm up
-                t_ours, t_ref = [], []
-                for _ in range(args.repeats):  # interleaved: both see the same machine noise
-                    t_ours.append(timed(run_ours))
-                    t_ref.append(timed(run_ref))
-                tokens = batch * n
-                ours_tps, ref_tps = tokens / statistics.median(t_ours), tokens / statistics.median(t_ref)
-                print(json.dumps({"bench": "generate", "shape": shape, "case": case, "threads": args.threads,
-                                  "t5kit_tok_s": round(ours_tps, 1), "transformers_tok_s": round(ref_tps, 1),
-                                  "ratio": round(ours_tps / ref_tps, 2), "repeats": args.repeats}), flush=True)
+                    int8 = quantize_int8(t5kit.T5.from_pretrained(folder))
+                ct2 = None if args.no_ctranslate2 else ct2_translator(
+                    folder, "int8" if quant else CT2_TYPES[args.dtype], args.device, args.threads)
+                line = bench_case(shape, case, None if quant else ref, int8 if quant else ours, ct2, args)
+                print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .generate import GenerationConfig, _encode, _next_logits, process
+from . import engine
+from .generation import GenerationConfig, process
 from .model import T5
 
 NEG = -1.0e9  # transformers' additive "impossible" score
+SYNC_EVERY = 16  # on GPU, the stop test (a host sync) runs every this many steps
 
 
 def _take(x: Tensor, idx: Tensor) -> Tensor:
@@ -25,12 +27,19 @@ def _take(x: Tensor, idx: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def beam_search(model: T5, input_ids: Tensor, attention_mask: Tensor | None, cfg: GenerationConfig) -> Tensor:
-    """-> (B * num_return_sequences, <= M) ids, best first per item, padded with pad after EOS."""
+def beam_search(model: T5, input_ids: Tensor, attention_mask: Tensor | None, cfg: GenerationConfig,
+                decode_mode: str = "auto", sync_every: int | None = None) -> Tensor:
+    """-> (B * num_return_sequences, <= M) ids, best first per item, padded with pad after EOS.
+
+    The stop test runs every `sync_every` steps (default: every step on CPU, SYNC_EVERY on GPU).
+    Steps after the stop cannot change the result: by then every item holds num_beams finished
+    hypotheses with real scores, and what later steps offer scores near NEG, so it never enters."""
     c = model.config
     b, n, m, dev = input_ids.shape[0], cfg.num_beams, cfg.max_new_tokens, input_ids.device
     lp = cfg.length_penalty
-    cache = _encode(model, input_ids, attention_mask, n, m)
+    step = engine.start(model, input_ids, attention_mask, n, m, decode_mode)
+    if sync_every is None:
+        sync_every = 1 if dev.type == "cpu" else SYNC_EVERY
     running = torch.full((b, n, m), c.pad_token_id, dtype=torch.long, device=dev)
     running_scores = torch.zeros(b, n, device=dev)
     running_scores[:, 1:] = NEG  # all beams start identical: expand from beam 0 only
@@ -44,7 +53,7 @@ def beam_search(model: T5, input_ids: Tensor, attention_mask: Tensor | None, cfg
     tokens = start
     for t in range(m):
         history = torch.cat([start, running[:, :, :t].reshape(b * n, t)], 1)
-        logp = process(cfg, history, _next_logits(model, cache, tokens).log_softmax(-1), c.eos_token_id)
+        logp = process(cfg, history, step(tokens).log_softmax(-1), c.eos_token_id)
         v = logp.shape[-1]
         logp = (logp.view(b, n, v) + running_scores[:, :, None]).view(b, n * v)
         top_lp, top_idx = torch.topk(logp, 2 * n)  # (B, 2N)
@@ -75,9 +84,10 @@ def beam_search(model: T5, input_ids: Tensor, attention_mask: Tensor | None, cfg
         best_running = running_scores[:, :1] / (best_len ** lp)
         worst = torch.where(finished, scores.min(1, keepdim=True).values, NEG)
         improvable = improvable & (best_running > worst).any(-1, keepdim=True)
-        if not improvable.any() or (finished.all() and cfg.early_stopping is True) or hits.all():
+        if t % sync_every == sync_every - 1 and (
+                not improvable.any() or (finished.all() and cfg.early_stopping is True) or hits.all()):
             break
-        cache.select(parent.view(-1), cross_too=False)
+        step.select(parent.view(-1), cross_too=False)
         tokens = running[:, :, t].reshape(b * n, 1)
 
     r = cfg.num_return_sequences

@@ -32,6 +32,7 @@ def cmd_generate(args) -> int:
     from .generate import generate_texts
     from .hf import resolve_dtype
     from .model import T5
+    from .quantize import for_inference
     from .tokenizer import Tokenizer
 
     if not args.prompt and args.input is None:
@@ -54,9 +55,7 @@ def cmd_generate(args) -> int:
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         _err(str(e))
         return 2
-    if args.quantize == "int8":
-        from .quantize import quantize_int8
-        model = quantize_int8(model)
+    model = for_inference(model, args.quantize)
     kw = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
               do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               length_penalty=args.length_penalty, early_stopping=args.early_stopping,

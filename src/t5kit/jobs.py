@@ -467,6 +467,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     from .atomic import write_json, write_text
     from .hf import from_pretrained, resolve_dtype
     from .model import T5
+    from .quantize import for_inference
 
     if not cfg.model or not cfg.data:
         raise ValueError("--model and --data are required")
@@ -479,7 +480,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         raise ValueError(f"{source.path}: no examples to evaluate")
     model_dir = resolve_model_dir(cfg.model)
     tok = _tokenizer_for(model_dir, cfg.tokenizer)
-    model = from_pretrained(T5, model_dir, dtype=resolve_dtype(cfg.dtype), device=cfg.device)
+    model = for_inference(from_pretrained(T5, model_dir, dtype=resolve_dtype(cfg.dtype), device=cfg.device))
     tok.check_model_vocab(model.config.vocab_size, f"{model_dir}/config.json")
     preds = predict(model, tok, [i for i, _ in examples], cfg.batch_size, progress=progress,
                     num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, max_input_tokens=cfg.max_input_length)

@@ -239,12 +239,16 @@ class Encoder(Stack):
 
 
 class DecodeCache:
-    """Static decoder state for incremental decoding. Self-attention K/V are preallocated to
-    `max_len` and written by index; cross-attention K/V are computed once per request; the causal
-    relative bias is computed once for (max_len, max_len) and sliced by position.
+    """Static decoder state for incremental decoding, one token per step. Every step has the same
+    shapes whatever the position (so it can be compiled and captured in a CUDA graph, engine.py):
+    self-attention K/V are preallocated to `max_len` and attended in full, the keys not written yet
+    masked by the causal bias; each row keeps its own position in a device tensor (rows may be at
+    different positions: continuous batching). Cross-attention K/V are computed once per request;
+    the causal relative bias once for (max_len, max_len), a row of it gathered per step.
 
     self_kv: per layer 2 x (B, H, L, D); cross_kv: per layer 2 x (B, H, S, D);
-    cross_bias (B, 1, 1, S); self_bias: per layer (1, H, L, L); pos: tokens written so far."""
+    cross_bias (B, 1, 1, S); self_bias: one (H, L, L) per table, mask added, and bias_of_layer
+    the table of each layer; pos (B,) tokens written so far per row."""
 
     def __init__(self, decoder: "Decoder", memory: Tensor, memory_mask: Tensor | None, max_len: int):
         b, s, _ = memory.shape
@@ -257,23 +261,37 @@ class DecodeCache:
                         for _ in decoder.blocks]
         pos = torch.arange(max_len, device=memory.device)[None]
         causal = mask_bias(torch.ones(max_len, max_len, dtype=torch.bool, device=memory.device).tril()[None], memory.dtype)
-        self.self_bias = decoder.position_biases(pos, pos, causal)
-        self.pos = 0
+        biases = decoder.position_biases(pos, pos, causal)  # (1, H, L, L); one tensor per table
+        index: dict[int, int] = {}
+        self.bias_of_layer = [index.setdefault(id(b), len(index)) for b in biases]
+        self.self_bias = [b[0] for b in {id(b): b for b in biases}.values()]
+        self.pos = torch.zeros(b, dtype=torch.long, device=memory.device)
         self.max_len = max_len
 
+    def step_biases(self) -> list[Tensor]:
+        """Per layer, each row's bias at its position: (B, H, 1, L), gathered once per table."""
+        rows = [bias[:, self.pos].transpose(0, 1)[:, :, None] for bias in self.self_bias]  # (H, B, L) -> (B, H, 1, L)
+        return [rows[i] for i in self.bias_of_layer]
+
     def write(self, layer: int, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Store new keys/values (B, H, T, D) at the current position; return all keys so far."""
-        t = kv[0].shape[2]
-        if self.pos + t > self.max_len:
-            raise ValueError(f"decode cache full: position {self.pos} + {t} tokens > max_len {self.max_len}")
+        """Store one new key/value per row (B, H, 1, D) at the row's position; return the whole
+        (B, H, L, D) cache (unwritten slots are masked by the step bias)."""
+        if kv[0].shape[2] != 1:
+            raise ValueError(f"the decode cache takes one token per step, got {kv[0].shape[2]}")
         k, v = self.self_kv[layer]
-        k[:, :, self.pos:self.pos + t] = kv[0]
-        v[:, :, self.pos:self.pos + t] = kv[1]
-        return k[:, :, :self.pos + t], v[:, :, :self.pos + t]
+        rows = torch.arange(k.shape[0], device=k.device)
+        k[rows, :, self.pos] = kv[0][:, :, 0]  # (B, H, D) at (row, :, pos[row])
+        v[rows, :, self.pos] = kv[1][:, :, 0]
+        return k, v
+
+    def advance(self) -> None:
+        """After a step: every row moved one position (in place, so a captured graph sees it)."""
+        self.pos.add_(1)
 
     def select(self, rows: Tensor, cross_too: bool = True) -> None:
         """Keep / reorder batch rows: beam reordering (self only) or dropping finished rows."""
         self.self_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.self_kv]
+        self.pos = self.pos.index_select(0, rows)
         if cross_too:
             self.cross_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross_kv]
             self.cross_bias = self.cross_bias.index_select(0, rows)
@@ -290,8 +308,7 @@ class Decoder(Stack):
         -> (B, T, C) post-norm hidden states."""
         b, t, _ = x.shape
         if cache is not None:
-            p = cache.pos
-            self_biases = [bias[:, :, p:p + t, :p + t] for bias in cache.self_bias]
+            self_biases = cache.step_biases()
             cross_kvs, cross_bias = cache.cross_kv, cache.cross_bias
         else:
             s = memory.shape[1]
@@ -312,7 +329,7 @@ class Decoder(Stack):
         for i, blk in enumerate(self.blocks):
             x = blk(x, self_biases[i], cross_kvs[i], cross_bias, cache, i)
         if cache is not None:
-            cache.pos += t
+            cache.advance()
         return self.drop(self.norm(x))
 
 
