@@ -126,3 +126,19 @@ def test_loading_stays_strict_about_encoder_keys(enc_dir, hf_dir, tmp_path):
     _edit_tensors(enc_dir("t5-v1_0"), tmp_path / "shape", lambda t: t.update({key: torch.zeros(32, 63)}))
     with pytest.raises(ValueError, match=rf"{key}' has shape \(32, 63\), expected \(32, 64\)"):
         t5kit.T5Encoder.from_pretrained(tmp_path / "shape")
+
+
+@pytest.mark.hf
+def test_encoder_only_bin_with_the_embedding_under_its_stack_name(enc_dir, tmp_path):
+    """Older T5EncoderModel saves: pytorch_model.bin with `encoder.embed_tokens.weight`, alone or
+    beside `shared.weight`."""
+    from safetensors.torch import load_file
+    folder = enc_dir("t5-v1_1")
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    shutil.copy(os.path.join(folder, "config.json"), tmp_path)
+    ref = t5kit.T5Encoder.from_pretrained(folder)
+    for keep_shared in (True, False):
+        table = tensors["shared.weight"] if keep_shared else tensors.pop("shared.weight")
+        torch.save({**tensors, "encoder.embed_tokens.weight": table}, tmp_path / "pytorch_model.bin")
+        enc = t5kit.T5Encoder.from_pretrained(tmp_path)
+        assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), enc.state_dict().values()))
