@@ -60,6 +60,31 @@ def build_hf_checkpoint(name: str, folder: str, seed: int = 0):
     return folder
 
 
+ENCODER_MODELS = {"T5Config": "T5EncoderModel", "MT5Config": "MT5EncoderModel", "UMT5Config": "UMT5EncoderModel"}
+
+
+def build_hf_encoder(name: str, folder: str, seed: int = 0):
+    """transformers' encoder-only model of `name` (T5EncoderModel, ...), saved as diffusion pipelines
+    ship their T5 text encoder: `shared` + `encoder.*`, architectures ["T5EncoderModel"]."""
+    cfg_cls, _, overrides, _ = VARIANTS[name]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_cls)(**{**SMALL, **overrides})
+    getattr(transformers, ENCODER_MODELS[cfg_cls])(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def enc_dir(tmp_path_factory):
+    """enc_dir(name) -> folder of that variant's encoder-only checkpoint (built once per session)."""
+    cache = {}
+
+    def get(name: str) -> str:
+        if name not in cache:
+            cache[name] = build_hf_encoder(name, str(tmp_path_factory.mktemp(f"enc-{name}")))
+        return cache[name]
+    return get
+
+
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory):
     """hf_dir(name) -> folder of that variant's checkpoint (built once per session)."""

@@ -214,6 +214,11 @@ def _add_jobs(sub) -> None:
     _add_job(sub, "evaluate", jobs.EvalConfig, jobs.evaluate, "generate for a labelled set and score it",
              "Batched, length-sorted generation, then BLEU / chrF (sacrebleu), ROUGE (rouge-score), exact "
              "match and accuracy (T5's answer normalisation). Prints the scores as JSON.")
+    _add_job(sub, "embed", jobs.EmbedConfig, jobs.embed, "encode one text per line with a T5 encoder",
+             "Runs the encoder of an encoder-only (T5EncoderModel) or full T5 checkpoint over each line of --input "
+             "(length-sorted batches, a progress bar) and writes --output, a safetensors file with rows in input "
+             "order: 'embeddings' (N, C) with --pool mean, or 'hidden_states' (N, S_max, C) plus 'attention_mask' "
+             "(N, S_max) with --pool none. Prints a summary as JSON.")
     _add_job(sub, "demo", demo_job.DemoConfig, demo_job.demo, "the end-to-end English -> French demo",
              "Builds an English -> French Bible corpus split by whole books, trains a tokenizer, pretrains "
              "with span corruption, fine-tunes, evaluates BLEU / chrF on held-out books and writes "
@@ -245,7 +250,7 @@ def _add_preprocess(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="t5kit", description="T5-family models: generate, tokenize, pretrain, fine-tune, evaluate.")
+    parser = argparse.ArgumentParser(prog="t5kit", description="T5-family models: generate, tokenize, pretrain, fine-tune, evaluate, embed.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_generate(sub)
     _add_tokenizer(sub)

@@ -136,15 +136,18 @@ class T5Config:
         except (ValueError, TypeError) as e:
             raise ValueError(f"{source}: {e}") from None
 
-    def to_hf_json(self) -> dict:
+    def to_hf_json(self, encoder_only: bool = False) -> dict:
+        """The HF config.json dict; `encoder_only` names T5EncoderModel (MT5EncoderModel, ...), the
+        class transformers builds for a checkpoint holding only `shared` and `encoder.*`."""
         out = {k: v for k, v in self.extra.items()
                if k not in ("architectures", "dense_act_fn", "is_gated_act", "transformers_version")}
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
         out.update({
-            "architectures": [{"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}[self.model_type] + "ForConditionalGeneration"],
+            "architectures": [{"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}[self.model_type]
+                              + ("EncoderModel" if encoder_only else "ForConditionalGeneration")],
             "dense_act_fn": self.activation,
             "is_gated_act": self.is_gated,
-            "is_encoder_decoder": True,
+            "is_encoder_decoder": not encoder_only,
         })
         return out
 

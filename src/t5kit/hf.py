@@ -1,5 +1,6 @@
 """Hugging Face checkpoints <-> t5kit: config.json, safetensors (single, sharded; memory-mapped),
-pytorch_model.bin, hub ids (lazy huggingface_hub), and saving back in the HF layout.
+pytorch_model.bin, hub ids (lazy huggingface_hub), and saving back in the HF layout. Full T5
+checkpoints load into T5 or T5Encoder; encoder-only ones (T5EncoderModel) into T5Encoder.
 
 Weight names are data: KEY_MAP is the one table, used in both directions. Loading is strict:
 every tensor in the checkpoint is consumed, every parameter is filled, every shape matches.
@@ -17,7 +18,7 @@ import torch
 from .atomic import atomic_path, write_json
 from .config import T5Config
 from .hub import resolve_dir
-from .model import T5
+from .model import T5, T5Encoder
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ KEY_MAP = {
 }
 # Older checkpoints (pytorch_model.bin) also store the shared table under each stack's name.
 EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+# The part of a full checkpoint T5Encoder has no use for: skipped by name, never read.
+DECODER_SIDE = re.compile(r"^(decoder\.|lm_head\.weight$)")
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -82,8 +85,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"dtype {dtype!r} does not exist: expected one of {sorted(DTYPES)}") from None
 
 
-def _weight_files(folder: str) -> tuple[str, list[str]]:
-    """-> (kind, files) for the first weight layout present: safetensors, sharded, or .bin."""
+def _weight_files(folder: str, wanted=lambda key: True) -> tuple[str, list[str]]:
+    """-> (kind, files) for the first weight layout present: safetensors, sharded, or .bin. Of a
+    sharded checkpoint only the shards holding a `wanted` tensor (by the index) are listed."""
     for index, single, kind in ((SAFE_INDEX, SAFE_SINGLE, "safetensors"), (BIN_INDEX, BIN_SINGLE, "bin")):
         if os.path.isfile(os.path.join(folder, single)):
             return kind, [os.path.join(folder, single)]
@@ -91,8 +95,8 @@ def _weight_files(folder: str) -> tuple[str, list[str]]:
         if os.path.isfile(ipath):
             try:
                 with open(ipath, encoding="utf-8") as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    shards = sorted({shard for key, shard in json.load(f)["weight_map"].items() if wanted(key)})
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"{ipath}: expected JSON with a 'weight_map' object ({e})") from None
             files = [os.path.join(folder, s) for s in shards]
             for fpath in files:
@@ -139,15 +143,24 @@ class _Reader:
 
 
 def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: str | torch.dtype | None = torch.float32,
-                    device: str | torch.device = "cpu") -> T5:
-    """Load an HF T5 / mT5 / UMT5 / ByT5 checkpoint into a t5kit T5 (in eval mode)."""
+                    device: str | torch.device = "cpu") -> T5 | T5Encoder:
+    """Load an HF T5 / mT5 / UMT5 / ByT5 checkpoint into a t5kit T5 or T5Encoder (in eval mode).
+    T5Encoder takes encoder-only checkpoints and full ones, whose decoder and lm_head it skips
+    unread: safetensors are memory-mapped and read tensor by tensor, and of a sharded checkpoint
+    only the shards holding encoder tensors are opened. Every encoder tensor is still required."""
     dtype = resolve_dtype(dtype)
     folder = resolve_dir(path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model"])
     config = T5Config.from_hf_json(os.path.join(folder, "config.json"))
-    reader = _Reader(*_weight_files(folder), device="cpu")
+    encoder_only = issubclass(cls, T5Encoder)
+    skipped = DECODER_SIDE.match if encoder_only else (lambda key: None)
+    reader = _Reader(*_weight_files(folder, wanted=lambda key: not skipped(key)), device="cpu")
+    if not encoder_only and not any(k.startswith("decoder.") for k in reader.where):
+        raise ValueError(f"{folder}: an encoder-only checkpoint (no decoder tensors; architectures "
+                         f"{config.extra.get('architectures')}): load it with t5kit.T5Encoder.from_pretrained")
     copies = ["shared.weight", *EMBED_ALIASES] + (["lm_head.weight"] if config.tie_word_embeddings else [])
+    copies = [k for k in copies if not skipped(k)]
     shared_key = next((k for k in copies if k in reader), None)  # the file's shared table, by any name
-    if config.tie_word_embeddings and "lm_head.weight" in reader and shared_key != "lm_head.weight":
+    if "lm_head.weight" in copies and "lm_head.weight" in reader and shared_key != "lm_head.weight":
         if not torch.equal(reader.get("lm_head.weight"), reader.get(shared_key)):
             # transformers does the same: a distinct lm_head in the file wins over the config's tie.
             log.warning("%s: config ties embeddings but lm_head.weight differs from %s; "
@@ -159,6 +172,8 @@ def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: str | torch.d
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state = {}
     for key in reader.where:
+        if skipped(key):
+            continue
         fpath = reader.where[key][0]
         name = "shared.weight" if key == shared_key else None if key in copies else hf_to_t5kit(key)
         if key in copies and name is None:  # a redundant copy of the shared table: shape-check only
@@ -168,8 +183,10 @@ def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: str | torch.d
                                  f"expected {tuple(expected[name])} (a copy of {shared_key})")
             continue
         if name is None or name not in expected:
-            raise ValueError(f"{fpath}: unexpected tensor {key!r} (not part of a {config.model_type} model "
-                             f"with {config.num_layers}+{config.num_decoder_layers} layers)")
+            layers = (f"{config.num_layers} encoder layers" if encoder_only
+                      else f"{config.num_layers}+{config.num_decoder_layers} layers")
+            raise ValueError(f"{fpath}: unexpected tensor {key!r} (not part of a {config.model_type} "
+                             f"{cls.__name__} with {layers})")
         t = reader.get(key)
         if t.shape != expected[name]:
             raise ValueError(f"{fpath}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
@@ -182,9 +199,10 @@ def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: str | torch.d
     return model.eval()
 
 
-def save_pretrained(model: T5, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_pretrained(model: T5 | T5Encoder, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json + model.safetensors (or shards + index) in the HF layout, each file
-    atomically; `transformers` loads it with no missing or unexpected keys."""
+    atomically; `transformers` loads it with no missing or unexpected keys (a T5Encoder as
+    T5EncoderModel: its config.json names that architecture)."""
     from safetensors.torch import save_file
 
     out_dir = os.fspath(out_dir)
@@ -213,6 +231,6 @@ def save_pretrained(model: T5, out_dir: str | os.PathLike, max_shard_bytes: int 
     for f in stale:
         if os.path.exists(os.path.join(out_dir, f)):
             os.remove(os.path.join(out_dir, f))
-    cfg = model.config.to_hf_json()
+    cfg = model.config.to_hf_json(encoder_only=isinstance(model, T5Encoder))
     cfg["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     write_json(os.path.join(out_dir, "config.json"), cfg)

@@ -394,3 +394,23 @@ class T5(nn.Module):
                 p.normal_(0.0, c.d_model ** -0.5, generator=generator)
             else:
                 p.normal_(0.0, std[leaf], generator=generator)
+
+
+class T5Encoder(nn.Module):
+    """The encoder alone, as transformers' T5EncoderModel (the text encoder diffusion pipelines
+    ship). It owns `shared` and `encoder` under T5's own names, so hf.KEY_MAP serves both, and never
+    builds a decoder: its memory is the encoder's weights plus activations. `from_pretrained` and
+    `save_pretrained` are bound in `t5kit/__init__.py`, as for T5."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = Encoder(config)
+
+    encode = T5.encode  # the same function as T5's (it needs only `shared` and `encoder`), not a twin
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """input_ids (B, S), attention_mask (B, S) 1 = token -> (B, S, C), T5EncoderModel's
+        last_hidden_state."""
+        return self.encode(input_ids, attention_mask)
