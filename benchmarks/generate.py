@@ -56,6 +56,7 @@ def build(shape: str, folder: str, device: str, dtype: torch.dtype):
     import transformers
 
     import t5kit
+    from t5kit.quantize import for_inference
     cfg = t5kit.get_preset(shape)
     torch.manual_seed(0)
     hf_cls = transformers.T5Config if cfg.model_type == "t5" else transformers.MT5Config
@@ -63,7 +64,7 @@ def build(shape: str, folder: str, device: str, dtype: torch.dtype):
     ref.save_pretrained(folder)
     write_word_tokenizer(folder, cfg.vocab_size)
     ref = ref.to(device=device, dtype=dtype)
-    return ref, t5kit.T5.from_pretrained(folder, dtype=dtype, device=device)
+    return ref, for_inference(t5kit.T5.from_pretrained(folder, dtype=dtype, device=device))  # as `t5kit generate`
 
 
 def ct2_translator(folder: str, quant: str, device: str, threads: int):
@@ -155,7 +156,6 @@ def main() -> None:
     if args.device != "cpu" and any(CASES[c][2] for c in cases):
         ap.error("int8 cases run on CPU only")
     import t5kit
-    from t5kit.quantize import quantize_int8
 
     for shape in args.shapes:
         with tempfile.TemporaryDirectory() as folder:
@@ -164,7 +164,8 @@ def main() -> None:
             for case in cases:
                 quant = CASES[case][2]
                 if quant and int8 is None:
-                    int8 = quantize_int8(t5kit.T5.from_pretrained(folder))
+                    from t5kit.quantize import for_inference
+                    int8 = for_inference(t5kit.T5.from_pretrained(folder), "int8")
                 ct2 = None if args.no_ctranslate2 else ct2_translator(
                     folder, "int8" if quant else CT2_TYPES[args.dtype], args.device, args.threads)
                 line = bench_case(shape, case, None if quant else ref, int8 if quant else ours, ct2, args)
