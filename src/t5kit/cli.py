@@ -67,7 +67,7 @@ def cmd_generate(args) -> int:
         results = generate_texts(model, tok, [texts[i] for i in good], batch_size=args.batch_size,
                                  max_input_tokens=args.max_input_tokens, truncate=not args.no_truncate,
                                  progress=args.input is not None and sys.stderr.isatty() or args.progress,
-                                 warn=lambda m: _err("warning: " + m), **kw)
+                                 warn=lambda m: _err("warning: " + m), decode_mode=args.decode_mode, **kw)
     except ValueError as e:
         _err(str(e))
         return 2
@@ -140,6 +140,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--quantize", choices=["int8"], help="int8 weights for CPU inference")
+    p.add_argument("--decode-mode", default="auto", choices=["auto", "eager", "graph", "compile"],
+                   help="the per-token step: auto = CUDA graphs on CUDA, eager on CPU; compile = torch.compile "
+                        "(slow first call)")
     p.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a terminal")
     p.set_defaults(func=cmd_generate)
 

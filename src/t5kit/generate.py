@@ -117,7 +117,8 @@ class TextResult:
 
 
 def generate_texts(model: T5, tok, texts: list[str], batch_size: int = 16, max_input_tokens: int = 512,
-                   truncate: bool = True, progress: bool = False, warn=None, **kw) -> list[TextResult]:
+                   truncate: bool = True, progress: bool = False, warn=None, decode_mode: str = "auto",
+                   **kw) -> list[TextResult]:
     """Prompts -> TextResult per prompt, in input order. Batches are formed from prompts sorted by
     length (less padding), then the original order is restored. A bad prompt (empty, too long with
     truncate=False) gets an error and the others still get their outputs."""
@@ -147,7 +148,7 @@ def generate_texts(model: T5, tok, texts: list[str], batch_size: int = 16, max_i
         width = max(len(ids) for _, ids in chunk)
         input_ids = torch.tensor([ids + [tok.pad_id] * (width - len(ids)) for _, ids in chunk], device=device)
         mask = (torch.arange(width, device=device)[None] < torch.tensor([len(ids) for _, ids in chunk], device=device)[:, None]).long()
-        out = generate(model, input_ids, mask, config=cfg).cpu()
+        out = generate(model, input_ids, mask, config=cfg, decode_mode=decode_mode).cpu()
         r = cfg.num_return_sequences
         for j, (i, _) in enumerate(chunk):
             rows = out[j * r:(j + 1) * r]
