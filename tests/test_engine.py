@@ -96,6 +96,9 @@ def test_bad_decode_mode(copy_model_dir):
         model.generate(ids, decode_mode="fast")
     with pytest.raises(ValueError, match="'graph' .* needs a CUDA device"):
         model.generate(ids, decode_mode="graph")
+    if t5kit.quantize.can_pack(torch.float32):
+        with pytest.raises(ValueError, match="'compile' takes the model's own weights"):
+            pack_linears(model).generate(ids, decode_mode="compile")
 
 
 @pytest.mark.gpu

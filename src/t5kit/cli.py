@@ -55,7 +55,7 @@ def cmd_generate(args) -> int:
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         _err(str(e))
         return 2
-    model = for_inference(model, args.quantize)
+    model = for_inference(model, args.quantize, args.decode_mode)
     kw = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
               do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               length_penalty=args.length_penalty, early_stopping=args.early_stopping,

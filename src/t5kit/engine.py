@@ -83,7 +83,7 @@ class Slot:
         self.logits: Tensor | None = None
         self.graph = None
         self.owner: weakref.ref | None = None  # the StaticDecoding using the buffers now
-        self.fn = torch.compile(self._step, fullgraph=True, dynamic=False) if mode == "compile" else self._step
+        self.fn = _compile(self._step, model, device) if mode == "compile" else self._step
 
     def _step(self) -> Tensor:
         return self.model.logits(self.model.decode(self.tokens, cache=self.cache))[:, -1].float()
@@ -142,6 +142,18 @@ class Slot:
         c.pos.copy_(c.pos.index_select(0, idx))
         if cross_too:
             c.cross_bias.copy_(c.cross_bias.index_select(0, idx))
+
+
+def _compile(step, model: T5, device: torch.device):
+    """torch.compile of a slot's step. On CPU with inductor's freezing: the weights become
+    constants that it packs into oneDNN's layout itself (measured: same ids as the eager packed
+    step). Weights packed already by quantize.pack_linears cannot be compiled (inductor only
+    lowers oneDNN linears over its own constants), so they are refused here with the fix."""
+    if any(getattr(m, "onednn_packed", False) for m in model.modules()):
+        raise ValueError("decode mode 'compile' takes the model's own weights, not quantize.pack_linears' "
+                         "(on CPU, compiling packs them itself); load the model again without packing")
+    options = {"freezing": True} if device.type == "cpu" else None
+    return torch.compile(step, fullgraph=True, dynamic=False, options=options)
 
 
 _SLOTS: "weakref.WeakKeyDictionary[T5, OrderedDict]" = weakref.WeakKeyDictionary()

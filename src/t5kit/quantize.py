@@ -32,6 +32,8 @@ def _own_lm_head(model: T5) -> None:
 class PackedLinear(nn.Module):
     """y = x W^T with W held in oneDNN's blocked layout; x (..., in) -> (..., out)."""
 
+    onednn_packed = True  # engine.py refuses to torch.compile these (inductor packs its own)
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         if linear.bias is not None:
@@ -81,11 +83,13 @@ def quantize_int8(model: T5) -> T5:
         return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
-def for_inference(model: T5, quantize: str | None = None) -> T5:
+def for_inference(model: T5, quantize: str | None = None, decode_mode: str = "auto") -> T5:
     """The CPU inference layout the jobs use: int8 when asked (`--quantize int8`), else packed
-    weights on CPU; a model on another device is returned as it is."""
+    weights on CPU, except for decode_mode "compile" (inductor packs them itself); a model on
+    another device is returned as it is."""
     if quantize == "int8":
         return quantize_int8(model)
     if quantize is not None:
         raise ValueError(f"--quantize {quantize!r}: expected int8")
-    return pack_linears(model) if model.shared.weight.device.type == "cpu" else model
+    cpu = model.shared.weight.device.type == "cpu"
+    return pack_linears(model) if cpu and decode_mode != "compile" else model
