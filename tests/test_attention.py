@@ -184,7 +184,8 @@ def test_dense_training_bias_is_the_table_bias_and_reaches_the_table():
     torch.manual_seed(0)
     enc = tiny().encoder
     ar = torch.arange(200)[None]
-    bm = Keep(200, 200, keep_kv=torch.arange(200)[None] < torch.tensor([150, 200])[:, None]).block_mask(torch.device("cpu"))
+    keep_kv = torch.arange(200)[None] < torch.tensor([150, 200])[:, None]  # (B, K)
+    bm = Keep(200, 200, keep_kv=keep_kv).block_mask(torch.device("cpu"))
     with torch.enable_grad():
         dense = enc.position_biases(ar, ar, bm)[0]
     with torch.no_grad():

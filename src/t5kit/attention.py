@@ -87,12 +87,14 @@ def use_flex(x: Tensor, head_dim: int, dropout_p: float, needs_grad: bool) -> bo
       has D = 5); SDPA serves such models on every device.
     In "auto" mode it also has to be faster: on CUDA it is (H100, b64 x 12 heads x 512, D 64, bf16:
     fwd+bwd 3.7 ms with a dense (H, T, K) bias vs 10.6 ms for SDPA with the materialised bias;
-    fwd with the table looked up in score_mod 0.79 ms vs 5.2 ms). On CPU (2 shared cores, fp32,
-    b4, 8-12 heads, D 64, compiled flex with the table lookup and a padding block mask vs SDPA with
-    the bias; medians of 5): T 128 3.2 vs 2.1 ms (8 heads), 8.0 vs 16 ms (12 heads); T 256 24 vs
-    24 ms, 28 vs 31 ms; T 512 40 vs 70 ms, 76 vs 109 ms; each new shape or mask kind costs a
-    5-20 s compile (gcc 12) and a block mask costs ~25 ms, so "auto" keeps CPU on SDPA:
-    `T5KIT_ATTENTION=flex` is there for long-input CPU inference where the compile pays off.
+    fwd with the table looked up in score_mod 0.79 ms vs 5.2 ms). On CPU it is not enough
+    faster to pay for its compiles (2 shared cores, fp32, b4 rows of S, 3S/4, S/2, S/4 tokens,
+    medians of 5): one attention with the bias built from the table (benchmarks/attention.py),
+    8 heads, SDPA vs flex table lookup: S 256 40 vs 23 ms, S 512 101 vs 52 ms (12 heads: 42 vs 27,
+    143 vs 76 ms); but a whole t5-small encoder (model.encode) 1344 vs 1320 ms at S 128 and
+    2428 vs 2228 ms at S 512, where the FFNs dominate, while each new shape or mask kind costs a
+    4-10 s compile (gcc 12; CPU shapes are static, see _flex) and each block mask ~25 ms. So "auto"
+    keeps CPU on SDPA; `T5KIT_ATTENTION=flex` serves long-input CPU inference at fixed shapes.
     """
     m = mode()
     if m == "sdpa" or dropout_p > 0 or (needs_grad and x.device.type == "cpu"):
@@ -196,7 +198,8 @@ class FlexBias:
             num_buckets = table.shape[0]
 
             def add_bucket(score, b, h, q_idx, kv_idx):
-                return score + table[relative_position_bucket(kv_idx - q_idx, bidirectional, num_buckets, max_distance), h]
+                bucket = relative_position_bucket(kv_idx - q_idx, bidirectional, num_buckets, max_distance)
+                return score + table[bucket, h]
             return add_bucket
         return None
 
@@ -211,11 +214,18 @@ def _flex(device: torch.device) -> Callable:
     CPU). Recompiles follow new score_mod / mask kinds and shapes. On CUDA dynamo's automatic
     dynamic shapes make a dimension dynamic once it has changed; on CPU shapes stay static
     (dynamic=False): torch 2.13's C++ flex template fails to compile with a dynamic length
-    ("'cur_kvSplitSize8' was not declared", met in this module's tests)."""
+    ("'cur_kvSplitSize8' was not declared", met in this module's tests), so there each new
+    (B, T, K) compiles anew: pad CPU inputs to a few lengths.
+    A model has up to ~10 kinds (encoder / decoder self / cross x padding / packing / causal x
+    table / dense bias), each compiled static then dynamic, past dynamo's default of 8 graphs per
+    function, after which it silently runs eager flex (materialised scores). Hence the limit of 64,
+    raised for this function's calls only."""
     kind = device.type
     if kind not in _compiled_flex:
+        import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
-        _compiled_flex[kind] = torch.compile(flex_attention, dynamic=False if kind == "cpu" else None)
+        compiled = torch.compile(flex_attention, dynamic=False if kind == "cpu" else None)
+        _compiled_flex[kind] = torch._dynamo.config.patch(recompile_limit=64)(compiled)
     return _compiled_flex[kind]
 
 
