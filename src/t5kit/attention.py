@@ -104,7 +104,7 @@ def use_flex(x: Tensor, head_dim: int, dropout_p: float, needs_grad: bool) -> bo
     return m == "flex" or x.device.type == "cuda"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class Keep:
     """Which keys each query may attend: the AND of the parts given. One rule, evaluated two ways:
     densely for the SDPA twin (`dense`) and per block for FlexAttention (`block_mask`).
@@ -161,7 +161,7 @@ class Keep:
         return create_block_mask(mask_mod, self.batch, None, self.q_len, self.kv_len, device=device)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class FlexBias:
     """What FlexAttention adds to the scores of one attention, in place of a dense (B, H, T, K) bias.
 

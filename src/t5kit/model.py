@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from torch.nn.attention.flex_attention import BlockMask
-
 from .attention import FlexBias, Keep, attend, relative_position_bucket, use_flex
 from .config import T5Config
+
+if TYPE_CHECKING:  # FlexAttention is imported lazily, by attention.py
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 class RMSNorm(nn.Module):
