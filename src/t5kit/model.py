@@ -11,13 +11,17 @@ data or parallelism: those are applied from outside.
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import FlexBias, Keep, attend, relative_position_bucket, use_flex
 from .config import T5Config
+
+if TYPE_CHECKING:  # FlexAttention is imported lazily, by attention.py
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 class RMSNorm(nn.Module):
@@ -34,28 +38,6 @@ class RMSNorm(nn.Module):
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
         return self.weight * x
-
-
-def relative_position_bucket(rel: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
-    """Bucket index for `rel = key_pos - query_pos` (HF T5Attention._relative_position_bucket, t5x
-    layers.py). Exact below num_buckets/2 (or /4 bidirectional), log-spaced above, float32 log.
-
-    >>> relative_position_bucket(torch.tensor([-200, -20, -3, 0, 3, 20]), True, 32, 128).tolist()
-    [15, 10, 3, 0, 19, 26]
-    """
-    bucket = torch.zeros_like(rel)
-    if bidirectional:
-        num_buckets //= 2
-        bucket = bucket + (rel > 0).long() * num_buckets  # keys after the query use the upper half
-        n = rel.abs()
-    else:
-        n = (-rel).clamp(min=0)  # causal: only the past has distinct buckets
-    max_exact = num_buckets // 2
-    large = max_exact + (
-        torch.log(n.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-    ).long()
-    large = large.clamp(max=num_buckets - 1)
-    return bucket + torch.where(n < max_exact, n, large)
 
 
 class RelativeBias(nn.Module):
@@ -95,7 +77,8 @@ def segment_positions(segment_ids: Tensor) -> Tensor:
 
 class Attention(nn.Module):
     """Multi-head attention with no 1/sqrt(D) scale: T5 folds it into the q init (t5x layers.py,
-    "folded into the initializers"), so SDPA gets scale=1.0. Bias carries position and mask."""
+    "folded into the initializers"), so the kernel gets scale=1.0. Bias carries position and mask:
+    a dense Tensor (SDPA) or an attention.FlexBias (FlexAttention); attention.attend runs either."""
 
     def __init__(self, cfg: T5Config):
         super().__init__()
@@ -113,13 +96,11 @@ class Attention(nn.Module):
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.split(self.k(x)), self.split(self.v(x))  # 2 x (B, H, K, D)
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], bias: Tensor) -> Tensor:
-        """x (B, T, C), kv 2 x (B, H, K, D), bias (B|1, H|1, T, K) -> (B, T, C)."""
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], bias: Tensor | FlexBias) -> Tensor:
+        """x (B, T, C), kv 2 x (B, H, K, D), bias (B|1, H|1, T, K) or FlexBias -> (B, T, C)."""
         b, t, _ = x.shape
         q = self.split(self.q(x))  # (B, H, T, D)
-        out = F.scaled_dot_product_attention(
-            q, kv[0], kv[1], attn_mask=bias.to(q.dtype), scale=1.0,
-            dropout_p=self.dropout if self.training else 0.0)
+        out = attend(q, kv[0], kv[1], bias, self.dropout if self.training else 0.0)
         return self.o(out.transpose(1, 2).reshape(b, t, self.h * self.d))  # (B, H, T, D) -> (B, T, H*D)
 
 
@@ -206,15 +187,30 @@ class Stack(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.drop = nn.Dropout(cfg.dropout_rate)
 
-    def position_biases(self, q_pos: Tensor, k_pos: Tensor, mask: Tensor) -> list[Tensor]:
-        """One (B|1, H, T, K) bias per block, mask added; computed once per table."""
+    def position_biases(self, q_pos: Tensor, k_pos: Tensor, mask: Tensor | BlockMask) -> list[Tensor | FlexBias]:
+        """One bias per block, computed once per table. q_pos (B|1, T), k_pos (B|1, K).
+        mask: additive (B|1, 1, T|1, K) -> (B|1, H, T, K) Tensors, mask added (SDPA twin);
+        a BlockMask -> FlexBias (positions then 0..T-1 / 0..K-1, FlexBias says why): the table
+        itself without gradients, else one dense (H, T, K) bias whose gradient reaches the table."""
         shared = None
         out = []
         for blk in self.blocks:
-            if blk.rel_bias is not None:
-                shared = blk.rel_bias(q_pos, k_pos).to(mask.dtype) + mask
+            rb = blk.rel_bias
+            if rb is not None:
+                if isinstance(mask, Tensor):
+                    shared = rb(q_pos, k_pos).to(mask.dtype) + mask
+                elif torch.is_grad_enabled() and rb.weight.requires_grad:
+                    shared = FlexBias(mask, dense=rb(q_pos, k_pos)[0])  # (1, H, T, K) -> (H, T, K)
+                else:
+                    shared = FlexBias(mask, rb.weight, rb.bidirectional, rb.max_distance)
             out.append(shared)
         return out
+
+    def use_flex(self, *inputs: Tensor) -> bool:
+        """attention.use_flex for this stack; inputs: the activations it attends over."""
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *self.parameters()))
+        attn = self.blocks[0].attn
+        return use_flex(inputs[0], attn.d, attn.dropout if self.training else 0.0, grad)
 
 
 class Encoder(Stack):
@@ -224,14 +220,18 @@ class Encoder(Stack):
     def forward(self, x: Tensor, attention_mask: Tensor | None = None, segment_ids: Tensor | None = None) -> Tensor:
         """x (B, S, C) embedded input; attention_mask (B, S) 1 = token; segment_ids (B, S) packed
         example ids, 0 = padding, attention never crosses segments. -> (B, S, C) post-norm."""
-        b, s, _ = x.shape
+        s = x.shape[1]
         if segment_ids is not None:
-            keep = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-            pos = segment_positions(segment_ids)  # (B, S)
+            keep = Keep(s, s, keep_kv=segment_ids != 0, seg_q=segment_ids, seg_kv=segment_ids)
         else:
-            keep = (attention_mask if attention_mask is not None else x.new_ones(b, s))[:, None, :].bool()
-            pos = torch.arange(s, device=x.device)[None]  # (1, S)
-        biases = self.position_biases(pos, pos, mask_bias(keep, x.dtype))
+            keep = Keep(s, s, keep_kv=None if attention_mask is None else attention_mask.bool())
+        pos = torch.arange(s, device=x.device)[None]  # (1, S)
+        if self.use_flex(x):
+            biases = self.position_biases(pos, pos, keep.block_mask(x.device))
+        else:
+            if segment_ids is not None:
+                pos = segment_positions(segment_ids)  # (B, S)
+            biases = self.position_biases(pos, pos, mask_bias(keep.dense(x.device), x.dtype))
         x = self.drop(x)
         for blk, bias in zip(self.blocks, biases):
             x = blk(x, bias)
@@ -306,25 +306,29 @@ class Decoder(Stack):
                 memory_segment_ids: Tensor | None = None, cache: DecodeCache | None = None) -> Tensor:
         """x (B, T, C) embedded target; memory (B, S, C) encoder output (unused with a cache).
         -> (B, T, C) post-norm hidden states."""
-        b, t, _ = x.shape
+        t = x.shape[1]
         if cache is not None:
             self_biases = cache.step_biases()
             cross_kvs, cross_bias = cache.cross_kv, cache.cross_bias
         else:
             s = memory.shape[1]
-            keep = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None]  # (1, T, T) causal
             if segment_ids is not None:
-                keep = keep & (segment_ids[:, :, None] == segment_ids[:, None, :])
-                pos = segment_positions(segment_ids)
-                cross_keep = (segment_ids[:, :, None] == memory_segment_ids[:, None, :]) & (memory_segment_ids[:, None, :] != 0)
+                keep = Keep(t, t, seg_q=segment_ids, seg_kv=segment_ids, causal=True)
+                cross = Keep(t, s, keep_kv=None if memory_segment_ids is None else memory_segment_ids != 0,
+                             seg_q=segment_ids, seg_kv=memory_segment_ids)
             else:
-                if attention_mask is not None:
-                    keep = keep & attention_mask[:, None, :].bool()
-                pos = torch.arange(t, device=x.device)[None]
-                cross_keep = (memory_mask if memory_mask is not None else memory.new_ones(b, s))[:, None, :].bool()
-            self_biases = self.position_biases(pos, pos, mask_bias(keep, x.dtype))
+                keep = Keep(t, t, keep_kv=None if attention_mask is None else attention_mask.bool(), causal=True)
+                cross = Keep(t, s, keep_kv=None if memory_mask is None else memory_mask.bool())
+            pos = torch.arange(t, device=x.device)[None]  # (1, T)
+            if self.use_flex(x, memory):
+                self_biases = self.position_biases(pos, pos, keep.block_mask(x.device))
+                cross_bias = FlexBias(cross.block_mask(x.device))  # no relative bias (HF PR #8518)
+            else:
+                if segment_ids is not None:
+                    pos = segment_positions(segment_ids)  # (B, T)
+                self_biases = self.position_biases(pos, pos, mask_bias(keep.dense(x.device), x.dtype))
+                cross_bias = mask_bias(cross.dense(x.device), x.dtype)
             cross_kvs = [blk.cross.project_kv(memory) for blk in self.blocks]
-            cross_bias = mask_bias(cross_keep, x.dtype)
         x = self.drop(x)
         for i, blk in enumerate(self.blocks):
             x = blk(x, self_biases[i], cross_kvs[i], cross_bias, cache, i)
