@@ -9,18 +9,21 @@ ratios of t5kit over each contender.
 Contenders: transformers' default `generate` and, on CUDA, its fastest mode
 (`cache_implementation="static"`, which compiles itself on first use); CTranslate2 (the `[bench]`
 extra) converting t5kit's own `save_pretrained` export, fp32 or int8 as the case asks, with its
-greedy ids checked against t5kit's. First-call warm-up (compilation, graph capture) is reported
+greedy ids checked against t5kit's; it runs in a process of its own (see `CTranslate2`), driven
+in turn with the others. First-call warm-up (compilation, graph capture) is reported
 per contender, not counted in the medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -37,6 +40,7 @@ CPU_CASES = ["greedy_b1", "greedy_b16", "beam4_b1", "int8_greedy_b1", "int8_gree
 GPU_CASES = ["greedy_b1", "greedy_b32", "beam4_b1"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CT2_TYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+HAS_CT2 = importlib.util.find_spec("ctranslate2") is not None  # the [bench] extra
 
 
 def write_word_tokenizer(folder: str, vocab_size: int) -> None:
@@ -67,26 +71,68 @@ def build(shape: str, folder: str, device: str, dtype: torch.dtype):
     return ref, for_inference(t5kit.T5.from_pretrained(folder, dtype=dtype, device=device))  # as `t5kit generate`
 
 
-def ct2_translator(folder: str, quant: str, device: str, threads: int):
-    """CTranslate2 over the same checkpoint, or None when the package is not installed."""
-    try:
-        import ctranslate2
-    except ImportError:
-        return None
+class CTranslate2:
+    """CTranslate2 in a process of its own, over the same checkpoint, timed inside that process.
+    Not in ours: after one CTranslate2 call, small parallel PyTorch ops in the same process ran
+    up to 5x slower (softmax of a 64 x 64 tensor: 3.6 -> 18.9 us; Intel's OpenMP runtime, which
+    CTranslate2 loads, beside PyTorch's GNU one), which would have slowed every other contender."""
+
+    def __init__(self, folder: str, quant: str, device: str, threads: int):
+        import multiprocessing as mp
+
+        self.conn, child = mp.get_context("spawn").Pipe()
+        self.proc = mp.get_context("spawn").Process(target=_ct2_serve, args=(child, folder, quant, device, threads),
+                                                    daemon=True)
+        self.proc.start()
+        self.conn.recv()  # loaded
+
+    def __call__(self, ids: list[list[int]], beam: int, n: int) -> Timed:
+        self.conn.send((ids, beam, n))
+        return Timed(*self.conn.recv())
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join()
+
+
+@dataclass
+class Timed:
+    """A contender that timed itself (in its own process): seconds, and its output ids."""
+    seconds: float
+    ids: list[list[int]]
+
+
+def _ct2_serve(conn, folder: str, quant: str, device: str, threads: int) -> None:
+    import ctranslate2
+
     out = os.path.join(folder, f"ct2-{quant}")
     if not os.path.isdir(out):
         ctranslate2.converters.TransformersConverter(folder).convert(out, quantization=quant)
-    return ctranslate2.Translator(out, device=device, compute_type=quant, intra_threads=threads, inter_threads=1)
+    tr = ctranslate2.Translator(out, device=device, compute_type=quant, intra_threads=threads, inter_threads=1)
+    names = {0: "<pad>", 1: "</s>", 2: "<unk>"}
+    conn.send("ready")
+    while (msg := conn.recv()) is not None:
+        ids, beam, n = msg
+        source = [[names.get(i, f"t{i}") for i in row] for row in ids]
+        t0 = time.perf_counter()
+        result = tr.translate_batch(source, beam_size=beam, max_decoding_length=n, min_decoding_length=n,
+                                    max_batch_size=len(source))
+        seconds = time.perf_counter() - t0
+        back = {v: k for k, v in names.items()}
+        conn.send((seconds, [[back.get(t) if t in back else int(t[1:]) for t in r.hypotheses[0]] for r in result]))
 
 
-def timed(fn, device: str) -> float:
+def timed(fn, device: str, settle: float = 0.0) -> float:
+    """Seconds for one call (or what the contender measured itself). `settle` first lets the
+    previous contender's worker threads go idle (OpenMP runtimes spin after a parallel region)."""
+    time.sleep(settle)
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return out.seconds if isinstance(out, Timed) else time.perf_counter() - t0
 
 
 def contenders(ref, ours, ct2, ids, mask, kw, n, device):
@@ -99,16 +145,9 @@ def contenders(ref, ours, ct2, ids, mask, kw, n, device):
             runs["transformers_static"] = lambda: ref.generate(
                 input_ids=ids, attention_mask=mask, do_sample=False, cache_implementation="static", **common)
     if ct2 is not None:
-        source = [[("<pad>", "</s>", "<unk>")[i] if i < 3 else f"t{i}" for i in row] for row in ids.tolist()]
-        beam = kw.get("num_beams", 1)
-        runs["ctranslate2"] = lambda: ct2.translate_batch(
-            source, beam_size=beam, max_decoding_length=n, min_decoding_length=n, max_batch_size=len(source))
+        rows = ids.tolist()
+        runs["ctranslate2"] = lambda: ct2(rows, kw.get("num_beams", 1), n)
     return runs
-
-
-def ct2_ids(result) -> list[list[int]]:
-    return [[{"<pad>": 0, "</s>": 1, "<unk>": 2}.get(t) if t[0] == "<" else int(t[1:]) for t in r.hypotheses[0]]
-            for r in result]
 
 
 def bench_case(shape, case, ref, ours, ct2, args) -> dict:
@@ -120,17 +159,18 @@ def bench_case(shape, case, ref, ours, ct2, args) -> dict:
     runs = contenders(ref, ours, ct2, ids, mask, kw, args.new_tokens, args.device)
     warmup = {name: round(timed(run, args.device), 2) for name, run in runs.items()}
     if "ctranslate2" in runs and not kw:  # greedy: CTranslate2 must produce t5kit's ids
-        same = ct2_ids(runs["ctranslate2"]()) == ours.generate(ids, mask, max_new_tokens=args.new_tokens,
+        same = runs["ctranslate2"]().ids == ours.generate(ids, mask, max_new_tokens=args.new_tokens,
                                                                 min_new_tokens=args.new_tokens).tolist()
     else:
         same = None
     times = {name: [] for name in runs}
     for _ in range(args.repeats):  # interleaved: every contender sees the same machine noise
         for name, run in runs.items():
-            times[name].append(timed(run, args.device))
+            times[name].append(timed(run, args.device, args.settle))
     tok_s = {name: batch * args.new_tokens / statistics.median(t) for name, t in times.items()}
     line = {"bench": "generate", "shape": shape, "case": case, "device": args.device,
-            "dtype": "int8" if quant else args.dtype, "threads": args.threads, "repeats": args.repeats}
+            "dtype": "int8" if quant else args.dtype, "threads": args.threads, "repeats": args.repeats,
+            "settle_s": args.settle}
     line.update({f"{name}_tok_s": round(v, 1) for name, v in tok_s.items()})
     line.update({f"t5kit_over_{name}": round(tok_s["t5kit"] / v, 2) for name, v in tok_s.items() if name != "t5kit"})
     line["warmup_s"] = warmup
@@ -150,6 +190,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--input-tokens", type=int, default=64)
     ap.add_argument("--no-ctranslate2", action="store_true", help="leave CTranslate2 out even when installed")
+    ap.add_argument("--settle", type=float, default=0.5,
+                    help="seconds of idle before each timed call, so no contender runs beside the last one's "
+                         "spinning threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cases = args.cases or (GPU_CASES if args.device == "cuda" else CPU_CASES)
@@ -166,10 +209,12 @@ def main() -> None:
                 if quant and int8 is None:
                     from t5kit.quantize import for_inference
                     int8 = for_inference(t5kit.T5.from_pretrained(folder), "int8")
-                ct2 = None if args.no_ctranslate2 else ct2_translator(
+                ct2 = None if args.no_ctranslate2 or not HAS_CT2 else CTranslate2(
                     folder, "int8" if quant else CT2_TYPES[args.dtype], args.device, args.threads)
                 line = bench_case(shape, case, None if quant else ref, int8 if quant else ours, ct2, args)
                 print(json.dumps(line), flush=True)
+                if ct2 is not None:
+                    ct2.close()
 
 
 if __name__ == "__main__":
