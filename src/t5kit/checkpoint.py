@@ -40,15 +40,21 @@ def list_checkpoints(folder: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if PATTERN.search(f))
 
 
-def load(path_or_folder: str, model, optimizer) -> tuple[int, list[dict], dict]:
-    """Restore model, optimizer and RNG states; -> (step, per-rank data states, trainer state).
-    The model shape must match."""
-    path = path_or_folder
-    if os.path.isdir(path):
-        found = list_checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"{path}: no checkpoints (step_*.pt) to resume from")
-        path = found[-1]
+def latest(where: str) -> str | None:
+    """Megatron's `--load DIR`: DIR is the `--save` directory of a run (its checkpoints live in
+    DIR/checkpoints), a checkpoints folder itself, or one step_*.pt file. -> the newest checkpoint,
+    or None when there is none yet (a first run of a restartable job starts fresh)."""
+    if os.path.isfile(where):
+        return where
+    found = list_checkpoints(os.path.join(where, "checkpoints")) or list_checkpoints(where)
+    return found[-1] if found else None
+
+
+def load(path: str, model, optimizer, load_optim: bool = True, load_rng: bool = True,
+         weights_only: bool = False) -> tuple[int, list[dict], dict]:
+    """Restore a checkpoint file; -> (step, per-rank data states, trainer state). The model shape
+    must match. weights_only (Megatron's --finetune): the model alone, step 0, no data or trainer
+    state; load_optim / load_rng False (--no-load-optim / --no-load-rng) skip those states."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     saved = T5Config.from_hf_json(state["config"], source=path)
     diff = [f"{k}: checkpoint {getattr(saved, k)} vs run {getattr(model.config, k)}"
@@ -58,11 +64,15 @@ def load(path_or_folder: str, model, optimizer) -> tuple[int, list[dict], dict]:
     if diff:
         raise ValueError(f"{path}: checkpoint is for a different model shape ({'; '.join(diff)})")
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if weights_only:
+        return 0, [], {}
+    if load_optim:
+        optimizer.load_state_dict(state["optimizer"])
+    if load_rng:
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return state["step"], state["data"], state.get("trainer", {})

@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
 
-from . import distributed
+from . import checkpoint, distributed
 from .data import (DataConfig, SpanCorruptionBatches, TokenStore, build_token_store, check_corpus, raw_segments,
                    write_embedded_corpus)
 from .metrics import check_metrics, compute
@@ -126,9 +126,18 @@ MEGATRON_MODEL = {"encoder_num_layers": "num_layers", "decoder_num_layers": "num
 class LoopConfig:
     """The training-loop flags `pretrain` and `finetune` share (Megatron-LM's names and meaning)."""
     save: str = "runs/t5kit"
-    load: str | None = _help("checkpoint file or folder to resume from", default=None)
-    resume: bool = _help("continue from the latest checkpoint in --save (same as --load SAVE/checkpoints)",
-                         default=False)
+    load: str | None = _help("resume from the latest checkpoint of this --save directory (or a checkpoints "
+                             "folder or step_*.pt file); with none there yet, start fresh", default=None)
+    resume: bool = _help("shorthand for --load with the --save directory", default=False)
+    finetune: bool = _help("with --load: load the weights only (optimizer, step, data and RNG start fresh)",
+                           default=False)
+    no_load_optim: bool = _help("with --load: do not restore the optimizer state", default=False)
+    no_load_rng: bool = _help("with --load: do not restore the RNG states", default=False)
+    exit_interval: int = _help("save a checkpoint and exit cleanly after this many steps (a restart with the "
+                               "same command continues)", default=0)
+    exit_duration_in_mins: float = _help("save a checkpoint and exit cleanly after this many minutes of training",
+                                         default=0.0)
+    tensorboard_dir: str | None = _help("write TensorBoard scalars here", default=None)
     micro_batch_size: int = 8
     global_batch_size: int | None = _help("micro batch x accumulation x ranks (default: no accumulation)",
                                           default=None)
@@ -153,16 +162,26 @@ class LoopConfig:
                            global_batch=self.global_batch_size or self.micro_batch_size * world,
                            clip_grad=self.clip_grad, bf16=self.bf16, save_interval=self.save_interval,
                            seed=self.seed, log_interval=self.log_interval, world_size=world,
-                           **{"eval_interval": self.eval_interval, **train})
+                           finetune=self.finetune, load_optim=not self.no_load_optim, load_rng=not self.no_load_rng,
+                           exit_interval=self.exit_interval, exit_duration_mins=self.exit_duration_in_mins,
+                           tensorboard_dir=self.tensorboard_dir, **{"eval_interval": self.eval_interval, **train})
         ocfg = OptimConfig(name=self.optimizer, lr=self.lr, min_lr=self.min_lr, schedule=self.lr_decay_style,
                            warmup_steps=min(self.lr_warmup_iters, self.train_iters), total_steps=self.train_iters,
                            weight_decay=self.weight_decay)
         return tcfg, ocfg
 
     def resume_from(self) -> str | None:
-        if self.load:
-            return self.load
-        return os.path.join(self.save, "checkpoints") if self.resume else None
+        """The checkpoint file to start from (Megatron's --load), or None to start fresh, saying
+        why when --load named a place with no checkpoint yet."""
+        where = self.load or (self.save if self.resume else None)
+        if where is None:
+            if self.finetune or self.no_load_optim or self.no_load_rng:
+                raise ValueError("--finetune / --no-load-optim / --no-load-rng apply to --load DIR; give --load")
+            return None
+        found = checkpoint.latest(where)
+        if found is None:
+            _say(f"{where}: no checkpoint (step_*.pt) yet: starting fresh")
+        return found
 
 
 @dataclass

@@ -45,6 +45,14 @@ class TrainConfig:
     monitor: str = "eval_loss"  # the evaluation key that picks <out>/best and drives early stopping
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
     export_best: bool = False
+    # Megatron's checkpoint habits: how a checkpoint given to train(resume=...) is loaded, and
+    # when a preemptible job saves and exits before train_iters (0: never).
+    finetune: bool = False  # weights only: optimizer, step, data and RNG start fresh
+    load_optim: bool = True
+    load_rng: bool = True
+    exit_interval: int = 0
+    exit_duration_mins: float = 0.0
+    tensorboard_dir: str | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -124,14 +132,17 @@ def _autocast(device, bf16: bool):
 
 
 class MetricsLog:
-    def __init__(self, out: str):
+    """<out>/metrics.jsonl, and TensorBoard scalars in `tensorboard_dir` when one is given."""
+
+    def __init__(self, out: str, tensorboard_dir: str | None):
         self.path = os.path.join(out, "metrics.jsonl")
         self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(out, "tb"))
-        except ImportError:
-            pass
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("--tensorboard-dir needs the tensorboard package (pip install tensorboard)") from None
+            self.tb = SummaryWriter(tensorboard_dir)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -157,15 +168,18 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
     ckpt_dir = os.path.join(tcfg.out, "checkpoints")
     step, trainer = 0, {"best": None, "best_step": None, "bad_evals": 0}
     if resume:
-        step, data_states, saved = checkpoint.load(resume, model, optimizer)
-        if len(data_states) != tcfg.world_size:
-            raise ValueError(f"{resume}: checkpoint has data states for {len(data_states)} ranks, this run has "
-                             f"{tcfg.world_size}; resume with the same number of processes")
-        batches.load_state(data_states[distributed.rank()])
-        trainer.update(saved)
+        step, data_states, saved = checkpoint.load(resume, model, optimizer, tcfg.load_optim, tcfg.load_rng,
+                                                   weights_only=tcfg.finetune)
+        if not tcfg.finetune:
+            if len(data_states) != tcfg.world_size:
+                raise ValueError(f"{resume}: checkpoint has data states for {len(data_states)} ranks, this run "
+                                 f"has {tcfg.world_size}; resume with the same number of processes")
+            batches.load_state(data_states[distributed.rank()])
+            trainer.update(saved)
     ddp = distributed.wrap(model, device)
     main = distributed.is_main()
-    log = MetricsLog(tcfg.out) if main else None
+    log = MetricsLog(tcfg.out, tcfg.tensorboard_dir) if main else None
+    started = time.monotonic()
     bar = tqdm(total=tcfg.steps, initial=step, disable=not (progress and main), desc="train", unit="step")
     row: dict = {}
     t_last, tokens_since = time.perf_counter(), 0
@@ -210,7 +224,10 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
                     row["early_stop"] = f"no {tcfg.monitor} improvement in {tcfg.patience} evaluations"
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                                                    if k.startswith("eval_") and isinstance(v, float)))
-        if step % tcfg.log_interval == 0 or step == tcfg.steps or "eval_loss" in row or stop:
+        leave = _exit_reason(tcfg, step, started)
+        if leave:
+            row["exit"] = leave
+        if step % tcfg.log_interval == 0 or step == tcfg.steps or "eval_loss" in row or stop or leave:
             now = time.perf_counter()
             row["tokens_per_s"] = tokens_since / (now - t_last) * tcfg.world_size
             t_last, tokens_since = now, 0
@@ -218,16 +235,32 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
                 log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
-        if stop or (tcfg.save_interval and step % tcfg.save_interval == 0):
+        if stop or leave or (tcfg.save_interval and step % tcfg.save_interval == 0):
             data_states = distributed.gather(batches.state())  # ranks may have consumed different counts
             if main:
                 checkpoint.save(ckpt_dir, step, model, optimizer, data_states, tcfg.keep_checkpoints, trainer)
-        if stop:
+        if leave:
+            bar.write(f"step {step}: {leave}: checkpoint saved, exiting (run the same command to continue)")
+        if stop or leave:
             break
     bar.close()
-    if main:
+    if main and not row.get("exit"):
         export(model, tokenizer, os.path.join(tcfg.out, "final"), {"step": step})
     return {**row, "best_step": trainer["best_step"], "best": trainer["best"]}
+
+
+def _exit_reason(tcfg: TrainConfig, step: int, started: float) -> str | None:
+    """Megatron's --exit-interval / --exit-duration-in-mins, decided alike on every rank (the
+    elapsed time is reduced, so no rank leaves alone)."""
+    if step >= tcfg.steps:
+        return None
+    if tcfg.exit_interval and step % tcfg.exit_interval == 0:
+        return f"--exit-interval {tcfg.exit_interval}"
+    if tcfg.exit_duration_mins:
+        (over,) = distributed.sum_all(float(time.monotonic() - started > tcfg.exit_duration_mins * 60))
+        if over:
+            return f"--exit-duration-in-mins {tcfg.exit_duration_mins:g}"
+    return None
 
 
 def export(model, tokenizer, folder: str, state: dict) -> None:
