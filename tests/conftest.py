@@ -73,28 +73,27 @@ def build_hf_encoder(name: str, folder: str, seed: int = 0):
     return folder
 
 
-@pytest.fixture(scope="session")
-def enc_dir(tmp_path_factory):
-    """enc_dir(name) -> folder of that variant's encoder-only checkpoint (built once per session)."""
+def _built_once(tmp_path_factory, build, prefix: str):
+    """get(name) -> folder of build(name, folder), built on first use and kept for the session."""
     cache = {}
 
     def get(name: str) -> str:
         if name not in cache:
-            cache[name] = build_hf_encoder(name, str(tmp_path_factory.mktemp(f"enc-{name}")))
+            cache[name] = build(name, str(tmp_path_factory.mktemp(prefix + name)))
         return cache[name]
     return get
+
+
+@pytest.fixture(scope="session")
+def enc_dir(tmp_path_factory):
+    """enc_dir(name) -> folder of that variant's encoder-only checkpoint."""
+    return _built_once(tmp_path_factory, build_hf_encoder, "enc-")
 
 
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory):
-    """hf_dir(name) -> folder of that variant's checkpoint (built once per session)."""
-    cache = {}
-
-    def get(name: str) -> str:
-        if name not in cache:
-            cache[name] = build_hf_checkpoint(name, str(tmp_path_factory.mktemp(name)))
-        return cache[name]
-    return get
+    """hf_dir(name) -> folder of that variant's checkpoint."""
+    return _built_once(tmp_path_factory, build_hf_checkpoint, "")
 
 
 def load_hf(folder: str):
