@@ -294,7 +294,7 @@ class DecodeCache:
         self-attention K/V are gathered into the previous step's buffers when the row count is
         unchanged (beams): a fresh tensor each step cost 7x the copy on CPU (new pages each time)."""
         spare = self.spare_kv
-        if spare is None or spare[0][0].shape[0] != rows.shape[0]:
+        if spare is None or spare[0][0].shape != (rows.shape[0], *self.self_kv[0][0].shape[1:]):
             spare = [(None, None)] * len(self.self_kv)
         self.spare_kv = self.self_kv
         self.self_kv = [(torch.index_select(k, 0, rows, out=sk), torch.index_select(v, 0, rows, out=sv))
