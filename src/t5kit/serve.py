@@ -11,8 +11,6 @@ The web stack is imported inside the functions that need it (the [serve] extra),
 builds its command line without it.
 """
 
-from __future__ import annotations
-
 import asyncio
 import json
 import os
@@ -38,21 +36,23 @@ def _help(text: str, **kw):
 
 @dataclass
 class ServeConfig:
-    """`t5kit serve`: the flags are these fields."""
-    model: str | None = _help("checkpoint directory or hub id (config.json + weights + tokenizer)", default=None)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = _help("cpu | cuda | cuda:N", default="cpu")
-    dtype: str = _help("fp32 | bf16 | fp16", default="fp32")
-    quantize: str | None = _help("int8: int8 weights for CPU inference", default=None)
-    max_batch_size: int = _help("decode-batch rows (inputs x sequences, or x beams) running at once", default=32)
-    max_queue: int = _help("requests waiting to join the batch; more get 503 with Retry-After", default=64)
-    max_input_tokens: int = _help("longer inputs get 413, unless the request says \"truncate\": true", default=512)
-    max_new_tokens_limit: int = _help("the largest max_new_tokens a request may ask for", default=512)
-    timeout: float = _help("seconds a request may take, queueing included; then 504 and its rows are freed",
-                           default=60.0)
-    api_key: str | None = _help("require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' on /v1/* "
-                                "(default: the T5KIT_API_KEY variable; none: open)", default=None)
+    """`t5kit serve`: the flags are these fields (annotations quoted: cli reads them as text, and
+    this module is not `from __future__ import annotations`, for FastAPI resolves the handlers'
+    annotations, whose request classes are local to `_schemas`)."""
+    model: "str | None" = _help("checkpoint directory or hub id (config.json + weights + tokenizer)", default=None)
+    host: "str" = "127.0.0.1"
+    port: "int" = 8000
+    device: "str" = _help("cpu | cuda | cuda:N", default="cpu")
+    dtype: "str" = _help("fp32 | bf16 | fp16", default="fp32")
+    quantize: "str | None" = _help("int8: int8 weights for CPU inference", default=None)
+    max_batch_size: "int" = _help("decode-batch rows (inputs x sequences, or x beams) running at once", default=32)
+    max_queue: "int" = _help("requests waiting to join the batch; more get 503 with Retry-After", default=64)
+    max_input_tokens: "int" = _help("longer inputs get 413, unless the request says \"truncate\": true", default=512)
+    max_new_tokens_limit: "int" = _help("the largest max_new_tokens a request may ask for", default=512)
+    timeout: "float" = _help("seconds a request may take, queueing included; then 504 and its rows are freed",
+                             default=60.0)
+    api_key: "str | None" = _help("require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' on /v1/* "
+                                  "(default: the T5KIT_API_KEY variable; none: open)", default=None)
 
     def __post_init__(self):
         if self.api_key is None:
@@ -81,14 +81,14 @@ def _unavailable(message: str) -> ApiError:
 
 @cache
 def _schemas():
-    """The request bodies (pydantic, strict: no silent "5" -> 5; unknown fields are errors)."""
+    """The request bodies (pydantic; an unknown field is an error, not ignored)."""
     from typing import Literal
 
     from pydantic import BaseModel, ConfigDict, Field, field_validator
 
     class Parameters(BaseModel):
         """GenerationConfig's fields (its checks give the ranges) and a sampling seed."""
-        model_config = ConfigDict(extra="forbid", strict=True)
+        model_config = ConfigDict(extra="forbid")
         max_new_tokens: int = 64
         min_new_tokens: int = 0
         num_beams: int = 1
@@ -104,7 +104,7 @@ def _schemas():
         early_stopping: bool | Literal["never"] = False
 
     class Inputs(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True)
+        model_config = ConfigDict(extra="forbid")
         inputs: str | list[str] = Field(description="a text, or a list of texts")
         truncate: bool = Field(False, description="keep the first --max-input-tokens tokens of longer inputs "
                                                   "instead of answering 413")
@@ -200,6 +200,8 @@ def _validation_error(path: str, errors: list[dict]) -> ApiError:
     name = ".".join(loc) or "body"
     if e["type"] == "json_invalid":
         return ApiError(400, "body", f"malformed JSON: {e.get('ctx', {}).get('error', e['msg'])}")
+    if not loc and isinstance(e.get("input"), bytes):  # FastAPI parses JSON only when the type says so
+        return ApiError(400, "body", "expected a JSON object, sent as Content-Type: application/json")
     if e["type"] == "extra_forbidden":
         parameters, generate, embed = _schemas()
         known = parameters if loc[0] == "parameters" else (embed if path == "/v1/embed" else generate)
