@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 
 import httpx
 
@@ -133,6 +134,8 @@ async def run_round(url: str, name: str, clients: int, requests: int, prompt, ne
             "p50_ttft_s": pct([r["ttft"] for r in done if r["ttft"]], 0.5),
             "p99_ttft_s": pct([r["ttft"] for r in done if r["ttft"]], 0.99),
             "errors": len(good) - len(done)}
+    if line["errors"]:  # what went wrong: HTTP status or transport error, and tokens received
+        line["error_kinds"] = dict(Counter(f"{r['status']}/{r['tokens']} tokens" for r in good if not r["ok"]))
     if fault:
         for kind in ("killed", "oversized", "malformed"):
             mine = [r for r in results if r["kind"] == kind]

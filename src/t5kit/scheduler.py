@@ -244,7 +244,13 @@ class Scheduler:
             for job in jobs:
                 job.emit(("error", f"{type(e).__name__}: {e}"))
                 job.cancelled = True
-            self._keep([not r.job.cancelled for r in self.running for _ in r.alive])
+            failed, keep = set(map(id, jobs)), []
+            for run in self.running:
+                gone = id(run.job) in failed
+                keep.extend([not gone] * len(run.alive))
+                if gone:
+                    run.alive = []
+            self._keep(keep)
 
     def _run_alone(self, job: Job) -> None:
         """Beam search and embeddings: the whole job now, between two decode steps."""
@@ -293,27 +299,27 @@ class Scheduler:
         logits = Decoding(self.model, self.cache)(self.last)  # (N, V) fp32
         picked, keep, lo = [], [], 0
         for run in self.running:
+            cancelled = run.job.cancelled  # read once: the HTTP side may set it at any time
             n = len(run.alive)
             picked.append(next_token(run.cfg, run.history, logits[lo:lo + n], eos, run.generator))
             lo += n
             alive = run.alive
             kept = run.advance(picked[-1], eos)
-            if run.job.stream:
+            if run.job.stream and not cancelled:
                 run.stream_pieces(self.tok, alive, [not k for k in kept])
+            if cancelled:
+                kept = [False] * n
+            elif not any(kept):
+                run.job.emit(("done", run.job.result(self.tok, run.tokens)))
             run.history = run.history[torch.tensor(kept, device=self.device)]
             run.alive = [row for row, k in zip(alive, kept) if k]
-            if not run.alive:
-                run.job.emit(("done", run.job.result(self.tok, run.tokens)))
-            keep.extend(k and not run.job.cancelled for k in kept)
+            keep.extend(kept)
         self.last = torch.cat(picked)[:, None]
         self._keep(keep)
 
     def _keep(self, keep: list[bool]) -> None:
-        """Keep the running rows marked True (N flags in batch order): drop the others from the
-        cache, and jobs left with no rows (done, cancelled) from the batch."""
-        for run in self.running:  # a cancelled job's rows all go
-            if run.job.cancelled:
-                run.alive = []
+        """Keep the running rows marked True (N flags in batch order; each job's `alive` already
+        says the same): drop the others from the cache, and jobs left with no rows from the batch."""
         if all(keep):
             return
         rows = torch.tensor(keep, device=self.device).nonzero().squeeze(1)
