@@ -47,11 +47,14 @@ def write_word_tokenizer(folder: str, vocab_size: int) -> None:
     """A word-level tokenizer whose tokens are the ids' names ("<pad>", "</s>", "<unk>", "t3", ...):
     CTranslate2's converter reads the vocabulary from the checkpoint's tokenizer, and random
     checkpoints have none."""
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(["<pad>", "</s>", "<unk>"] + [f"t{i}" for i in range(3, vocab_size)])}
-    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "t5 t17" is two tokens (benchmarks/serve.py sends text)
+    tk.decoder = decoders.WordPiece()  # joins the words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk,
                                    pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(folder)
 

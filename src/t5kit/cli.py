@@ -206,7 +206,7 @@ def _run_job(cls, job, args) -> int:
 
 
 def _add_jobs(sub) -> None:
-    from . import demo_job, jobs
+    from . import demo_job, jobs, serve
     _add_job(sub, "pretrain", jobs.PretrainConfig, jobs.pretrain,
              "pretrain a T5 with span corruption (Megatron pretrain_t5.py flags)",
              "Span-corruption pretraining. With no --data-path it trains on the embedded public-domain corpus "
@@ -222,6 +222,10 @@ def _add_jobs(sub) -> None:
              "(length-sorted batches, a progress bar) and writes --output, a safetensors file with rows in input "
              "order: 'embeddings' (N, C) with --pool mean, or 'hidden_states' (N, S_max, C) plus 'attention_mask' "
              "(N, S_max) with --pool none. Prints a summary as JSON.")
+    _add_job(sub, "serve", serve.ServeConfig, serve.serve, "serve generation and embeddings over HTTP",
+             "An HTTP server (FastAPI + uvicorn, the [serve] extra) with continuous batching: POST /v1/generate "
+             "(JSON or Server-Sent Events), POST /v1/embed, GET /health, GET /metrics (Prometheus), /docs. "
+             "SIGTERM stops admission, finishes the requests in flight and exits 0.")
     _add_job(sub, "demo", demo_job.DemoConfig, demo_job.demo, "the end-to-end English -> French demo",
              "Builds an English -> French Bible corpus split by whole books, trains a tokenizer, pretrains "
              "with span corruption, fine-tunes, evaluates BLEU / chrF on held-out books and writes "

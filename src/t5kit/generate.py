@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import engine
-from .generation import GenerationConfig, process, top_k_top_p
+from .generation import GenerationConfig, next_token, process
 from .model import T5
 
 SYNC_EVERY = 16
@@ -41,12 +41,7 @@ def stream(model: T5, input_ids: Tensor, attention_mask: Tensor | None = None,
     history = torch.full((len(rows), 1), c.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
     on_cpu = input_ids.device.type == "cpu"
     for t in range(cfg.max_new_tokens):
-        scores = process(cfg, history, step(history[:, -1:]), c.eos_token_id)
-        if cfg.do_sample:
-            scores = top_k_top_p(scores / cfg.temperature, cfg.top_k, cfg.top_p)
-            token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
-            token = scores.argmax(-1)
+        token = next_token(cfg, history, step(history[:, -1:]), c.eos_token_id, generator)
         yield rows, token
         history = torch.cat([history, token[:, None]], 1)
         if on_cpu or t % SYNC_EVERY == SYNC_EVERY - 1:

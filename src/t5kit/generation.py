@@ -94,3 +94,15 @@ def process(cfg: GenerationConfig, history: Tensor, scores: Tensor, eos: int) ->
         scores = scores.clone()
         scores[:, eos] = float("-inf")
     return scores
+
+
+def next_token(cfg: GenerationConfig, history: Tensor, logits: Tensor, eos: int,
+               generator: torch.Generator | None = None) -> Tensor:
+    """One greedy or sampling step: history (N, t) incl. start token, fp32 logits (N, V) -> (N,)
+    tokens. Sampling draws one multinomial over all N rows, so a seeded generator reproduces a
+    run only with the same rows in the same order (generate.stream and the serve scheduler)."""
+    scores = process(cfg, history, logits, eos)
+    if not cfg.do_sample:
+        return scores.argmax(-1)
+    scores = top_k_top_p(scores / cfg.temperature, cfg.top_k, cfg.top_p)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)

@@ -556,18 +556,6 @@ def read_lines(path: str) -> list[str]:
     return texts
 
 
-def mean_pool(hidden, mask):
-    """hidden (B, S, C), mask (B, S) 1 = token -> (B, C): the mean over each row's tokens, padding
-    excluded (sentence-transformers' Pooling, mean mode), summed in fp32, in hidden's dtype.
-
-    >>> import torch
-    >>> mean_pool(torch.tensor([[[1.0], [3.0], [9.0]]]), torch.tensor([[1, 1, 0]])).tolist()
-    [[2.0]]
-    """
-    m = mask[:, :, None].float()  # (B, S, 1)
-    return ((hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)).to(hidden.dtype)
-
-
 def embed(cfg: EmbedConfig, progress: bool = True) -> dict:
     """Encode each line of cfg.input with the checkpoint's encoder (T5Encoder: a full checkpoint's
     decoder is never loaded) and write cfg.output. Lines are batched longest first (little
@@ -581,7 +569,7 @@ def embed(cfg: EmbedConfig, progress: bool = True) -> dict:
 
     from .atomic import atomic_path
     from .hf import from_pretrained, resolve_dtype
-    from .model import T5Encoder
+    from .model import T5Encoder, mean_pool
 
     if not cfg.model or not cfg.input or not cfg.output:
         raise ValueError("--model, --input and --output are required")

@@ -304,6 +304,42 @@ class DecodeCache:
             self.cross_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross_kv]
             self.cross_bias = self.cross_bias.index_select(0, rows)
 
+    @staticmethod
+    def cat(caches: list["DecodeCache"]) -> "DecodeCache":
+        """The rows of several caches as one batch, in order (continuous batching: requests at
+        different steps share a decode step). Cross K/V are padded to the longest source with keys
+        masked (exactly zero weight), self K/V to the longest max_len with zeros, which each row's
+        causal bias hides; the longest relative bias serves all, since a shorter table is its
+        top-left block (the bias depends on the distance only)."""
+        s = max(c.cross_bias.shape[-1] for c in caches)
+        longest = max(caches, key=lambda c: c.max_len)
+        out = object.__new__(DecodeCache)
+        out.cross_kv = [tuple(torch.cat([_pad_dim(c.cross_kv[i][j], 2, s) for c in caches]) for j in (0, 1))
+                        for i in range(len(caches[0].cross_kv))]
+        fill = torch.finfo(caches[0].cross_bias.dtype).min
+        out.cross_bias = torch.cat([_pad_dim(c.cross_bias, 3, s, fill) for c in caches])  # (B, 1, 1, S)
+        out.self_kv = [tuple(torch.cat([_pad_dim(c.self_kv[i][j], 2, longest.max_len) for c in caches]) for j in (0, 1))
+                       for i in range(len(caches[0].self_kv))]
+        out.self_bias, out.bias_of_layer, out.max_len = longest.self_bias, longest.bias_of_layer, longest.max_len
+        out.pos = torch.cat([c.pos for c in caches])
+        out.spare_kv = None
+        return out
+
+    def truncate(self, max_len: int) -> None:
+        """Shrink the self-attention cache to max_len positions (no row may write past them): the
+        step attends the whole cache, so a long request that left should not slow the others."""
+        if max_len < self.max_len:
+            self.self_kv = [(k[:, :, :max_len], v[:, :, :max_len]) for k, v in self.self_kv]
+            self.self_bias = [b[:, :max_len, :max_len] for b in self.self_bias]
+            self.max_len, self.spare_kv = max_len, None
+
+
+def _pad_dim(x: Tensor, dim: int, size: int, value: float = 0.0) -> Tensor:
+    """x padded at the end of `dim` to `size` with `value`."""
+    if x.shape[dim] == size:
+        return x
+    return F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (0, size - x.shape[dim]), value=value)
+
 
 class Decoder(Stack):
     def __init__(self, cfg: T5Config):
@@ -426,3 +462,15 @@ class T5Encoder(nn.Module):
         """input_ids (B, S), attention_mask (B, S) 1 = token -> (B, S, C), T5EncoderModel's
         last_hidden_state."""
         return self.encode(input_ids, attention_mask)
+
+
+def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """hidden (B, S, C), mask (B, S) 1 = token -> (B, C): the mean over each row's tokens, padding
+    excluded (sentence-transformers' Pooling, mean mode), summed in fp32, in hidden's dtype.
+
+    >>> import torch
+    >>> mean_pool(torch.tensor([[[1.0], [3.0], [9.0]]]), torch.tensor([[1, 1, 0]])).tolist()
+    [[2.0]]
+    """
+    m = mask[:, :, None].float()  # (B, S, 1)
+    return ((hidden.float() * m).sum(1) / m.sum(1).clamp(min=1)).to(hidden.dtype)
