@@ -82,26 +82,19 @@ def _unavailable(message: str) -> ApiError:
 @cache
 def _schemas():
     """The request bodies (pydantic; an unknown field is an error, not ignored)."""
+    import dataclasses
+    import typing
     from typing import Literal
 
-    from pydantic import BaseModel, ConfigDict, Field, field_validator
+    from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-    class Parameters(BaseModel):
-        """GenerationConfig's fields (its checks give the ranges) and a sampling seed."""
-        model_config = ConfigDict(extra="forbid")
-        max_new_tokens: int = 64
-        min_new_tokens: int = 0
-        num_beams: int = 1
-        num_return_sequences: int = 1
-        do_sample: bool = False
-        temperature: float = 1.0
-        top_k: int = 50
-        top_p: float = 1.0
-        seed: int | None = Field(None, ge=0, lt=2 ** 63, description="sampling seed; as `t5kit generate --seed`")
-        no_repeat_ngram_size: int = 0
-        repetition_penalty: float = 1.0
-        length_penalty: float = 1.0
-        early_stopping: bool | Literal["never"] = False
+    # GenerationConfig's own fields, types and defaults (its checks give the ranges), and a seed.
+    hints = typing.get_type_hints(GenerationConfig)
+    Parameters = create_model(
+        "Parameters", __config__=ConfigDict(extra="forbid"),
+        __doc__="GenerationConfig's fields (its checks give the ranges) and a sampling seed.",
+        **{f.name: (hints[f.name], f.default) for f in dataclasses.fields(GenerationConfig)},
+        seed=(int | None, Field(None, ge=0, lt=2 ** 63, description="sampling seed; as `t5kit generate --seed`")))
 
     class Inputs(BaseModel):
         model_config = ConfigDict(extra="forbid")
