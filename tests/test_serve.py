@@ -33,10 +33,10 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir, *flags):
+    def __init__(self, model_dir, *flags, env: dict | None = None):
         self.url = f"http://127.0.0.1:{_free_port()}"
         port = self.url.rsplit(":", 1)[1]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the tested t5kit, in the child too
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}  # the tested t5kit, in the child too
         self.proc = subprocess.Popen([sys.executable, "-m", "t5kit", "serve", "--model", str(model_dir), "--port", port,
                                       *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 120
@@ -259,6 +259,18 @@ def test_sigterm_stops_admission_finishes_in_flight_and_exits_0(copy_model_dir):
             events += _sse(lines)
         assert events[-1]["usage"]["output_tokens"] == 400  # the request in flight got its whole answer
         assert server.proc.wait(30) == 0
+    finally:
+        server.stop()
+
+
+def test_api_key_from_the_environment(copy_model_dir):
+    server = Server(copy_model_dir, env={"T5KIT_API_KEY": "from-env"})
+    try:
+        body = {"inputs": "copy: a", "parameters": {"max_new_tokens": 4}}
+        assert server.post("/v1/generate", body, headers={}).status_code == 401
+        assert server.post("/v1/generate", body, headers={"X-API-Key": "wrong"}).status_code == 401
+        ok = server.post("/v1/generate", body, headers={"Authorization": "Bearer from-env"})
+        assert ok.status_code == 200 and len(ok.json()["outputs"]) == 1, ok.text
     finally:
         server.stop()
 
