@@ -263,6 +263,7 @@ def test_sigterm_stops_admission_finishes_in_flight_and_exits_0(copy_model_dir):
         server.stop()
 
 
+@pytest.mark.dist
 def test_api_key_from_the_environment(copy_model_dir):
     server = Server(copy_model_dir, env={"T5KIT_API_KEY": "from-env"})
     try:
