@@ -77,8 +77,9 @@ class Slot:
     def __init__(self, model: T5, batch: int, src_len: int, max_len: int, dtype: torch.dtype,
                  device: torch.device, mode: str):
         memory = torch.zeros(batch, src_len, model.config.d_model, dtype=dtype, device=device)
-        self.model, self.mode = model, mode
+        self.mode = mode
         self.cache = DecodeCache(model.decoder, memory, None, max_len)
+        self.eager = Decoding(model, self.cache)  # the step itself; the slot only fixes its buffers
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.logits: Tensor | None = None
         self.graph = None
@@ -86,7 +87,7 @@ class Slot:
         self.fn = _compile(self._step, model, device) if mode == "compile" else self._step
 
     def _step(self) -> Tensor:
-        return self.model.logits(self.model.decode(self.tokens, cache=self.cache))[:, -1].float()
+        return self.eager(self.tokens)
 
     def load(self, cache: DecodeCache) -> None:
         """Copy a request's state (n <= batch rows) into the buffers; padded rows and source
