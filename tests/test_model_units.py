@@ -82,7 +82,7 @@ def test_bad_config_names_the_field(data, field):
 
 LEVELS = {"atomic": -1, "hub": -1,  # stdlib-only helpers under everything
           "config": 0, "attention": 0, "spans": 0, "tokenizer": 0, "optim": 0, "metrics": 0, "generation": 0,
-          "model": 1, "data": 1, "tasks": 1, "engine": 2, "hf": 2, "distributed": 2, "quantize": 2,
+          "model": 1, "data": 1, "tasks": 1, "engine": 2, "hf": 2, "parallel": 2, "quantize": 2,
           "generate": 3, "beam": 3,
           "checkpoint": 3, "train": 3, "scheduler": 4, "jobs": 4, "serve": 5, "demo_job": 5, "__init__": 6, "cli": 6, "__main__": 7}
 

@@ -191,16 +191,17 @@ def _add_job(sub, name: str, cls, job, help: str, description: str) -> None:
 def _run_job(cls, job, args) -> int:
     from dataclasses import fields
 
-    from . import distributed, jobs
+    from . import jobs, parallel
     values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
     try:
         result = job(jobs.resolve(cls, args.config, values))
+        main = parallel.is_main()
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-        _err(str(e))
+        _err(str(e))  # on every rank: each one checked the same input (parallel.init says why)
         return 2
     finally:
-        distributed.shutdown()
-    if distributed.is_main():
+        parallel.shutdown()
+    if main:
         print(json.dumps(result, indent=1, default=str))
     return 0
 

@@ -210,6 +210,26 @@ class SpanCorruptionBatches:
     def load_state(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
+    def reshard(self, states: list[dict], rank: int) -> tuple[dict, int]:
+        """This rank's state from the states a checkpoint saved for len(states) data-parallel
+        ranks, and how many examples the change of rank count skips. Rank r of w reads the epoch's
+        order at r, r + w, ...: after p_r examples each, the stream is consumed below U = max over
+        ranks of r + w (p_r - 1) + 1. This run's ranks continue at ceil(U / world): exact when the
+        old ranks were level and world divides U (no example skipped or repeated), otherwise
+        nothing is repeated and the holes are skipped.
+
+        >>> b = object.__new__(SpanCorruptionBatches); b.world = 1
+        >>> b.reshard([{"epoch": 0, "position": 3}, {"epoch": 0, "position": 3}], 0)
+        ({'epoch': 0, 'position': 6}, 0)
+        """
+        if len(states) == self.world:
+            return states[rank], 0
+        w, epoch = len(states), max(int(s["epoch"]) for s in states)
+        pos = [int(s["position"]) if int(s["epoch"]) == epoch else 0 for s in states]
+        end = max((r + w * (p - 1) + 1 for r, p in enumerate(pos) if p), default=0)
+        new = -(-end // self.world)
+        return {"epoch": epoch, "position": new}, new * self.world - sum(pos)
+
     def _order(self, epoch: int) -> np.ndarray:
         if self._order_cache[0] != epoch:
             perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.segments))

@@ -8,6 +8,7 @@ every tensor in the checkpoint is consumed, every parameter is filled, every sha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -202,35 +203,72 @@ def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: str | torch.d
 def save_pretrained(model: T5 | T5Encoder, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json + model.safetensors (or shards + index) in the HF layout, each file
     atomically; `transformers` loads it with no missing or unexpected keys (a T5Encoder as
-    T5EncoderModel: its config.json names that architecture)."""
-    from safetensors.torch import save_file
+    T5EncoderModel: its config.json names that architecture).
 
+    A model sharded by FSDP or tensor parallelism is exported alike, called on every rank: each
+    tensor is gathered whole in turn (DTensor.full_tensor), streamed into the file by rank 0 and
+    dropped, so no rank ever holds more than one full tensor beside its own shards."""
+    import torch.distributed as dist
+
+    main = not dist.is_initialized() or dist.get_rank() == 0
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {t5kit_to_hf(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    shards: list[dict] = [{}]
+    state = {t5kit_to_hf(k): v for k, v in model.state_dict().items()}
+    shards: list[list[str]] = [[]]
     size = 0
-    for k, v in tensors.items():
+    for k, v in state.items():
         nbytes = v.numel() * v.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][k] = v
+        shards[-1].append(k)
         size += nbytes
     names = [SAFE_SINGLE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        with atomic_path(os.path.join(out_dir, name)) as tmp:
-            save_file(shard, tmp, metadata={"format": "pt"})
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+    for name, keys in zip(names, shards):
+        _write_safetensors(os.path.join(out_dir, name), {k: state[k] for k in keys}, main)
+    if not main:
+        return
     stale = [SAFE_INDEX] if len(shards) == 1 else [SAFE_SINGLE]
     stale += [f for f in os.listdir(out_dir) if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f) and f not in names]
     if len(shards) > 1:
         write_json(os.path.join(out_dir, SAFE_INDEX), {
-            "metadata": {"total_size": sum(v.numel() * v.element_size() for v in tensors.values())},
-            "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}})
+            "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+            "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}})
     for f in stale:
         if os.path.exists(os.path.join(out_dir, f)):
             os.remove(os.path.join(out_dir, f))
     cfg = model.config.to_hf_json(encoder_only=isinstance(model, T5Encoder))
     cfg["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     write_json(os.path.join(out_dir, "config.json"), cfg)
+
+
+SAFE_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+               torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _write_safetensors(path: str, tensors: dict, write: bool) -> None:
+    """One safetensors file, written tensor by tensor: the header (names, dtypes, shapes, byte
+    offsets) is known from the shapes alone, then each tensor's bytes follow in header order
+    (the format: an 8-byte little-endian header length, the JSON header padded to 8 bytes, the
+    data; huggingface/safetensors README). safetensors' own save_file needs every tensor in
+    memory at once. Sharded tensors are gathered here on every rank; only `write` writes."""
+    import struct
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        header[k] = {"dtype": SAFE_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with (atomic_path(path) if write else contextlib.nullcontext()) as tmp, \
+            (open(tmp, "wb") if write else contextlib.nullcontext()) as f:
+        if write:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+        for v in tensors.values():
+            full = v.full_tensor() if hasattr(v, "full_tensor") else v  # a DTensor's gather: every rank
+            if write:
+                f.write(full.detach().contiguous().cpu().view(torch.uint8).numpy())  # a buffer: no copy
+            del full

@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
 
-from . import checkpoint, distributed
+from . import checkpoint, parallel
 from .data import (DataConfig, SpanCorruptionBatches, TokenStore, build_token_store, check_corpus, raw_segments,
                    write_embedded_corpus)
 from .metrics import check_metrics, compute
@@ -29,7 +29,7 @@ from .train import FREEZE_PARTS, TrainConfig, evaluate as loss_eval, freeze, tra
 
 
 def _say(msg: str) -> None:
-    if distributed.is_main():
+    if parallel.is_main():
         print(f"t5kit: {msg}", file=sys.stderr)
 
 
@@ -99,11 +99,12 @@ def _tokenizer_for(model_dir: str | None, tokenizer: str | None) -> Tokenizer:
         raise
 
 
-def _setup(device: str, save: str | None) -> tuple[int, int, str]:
-    rank, world, device = distributed.init_from_env(device)
-    if save and rank == 0:
-        os.makedirs(save, exist_ok=True)
-    return rank, world, device
+def _setup(cfg: "LoopConfig") -> parallel.Layout:
+    """The process group and mesh of a training job (a bad layout stops every rank alike)."""
+    layout = parallel.init(cfg.device, cfg.tensor_model_parallel_size)
+    if cfg.save and layout.rank == 0:
+        os.makedirs(cfg.save, exist_ok=True)
+    return layout
 
 
 def _load_model(model_dir: str, tok: Tokenizer):
@@ -127,7 +128,7 @@ class LoopConfig:
     """The training-loop flags `pretrain` and `finetune` share (Megatron-LM's names and meaning)."""
     save: str = "runs/t5kit"
     load: str | None = _help("resume from the latest checkpoint of this --save directory (or a checkpoints "
-                             "folder or step_*.pt file); with none there yet, start fresh", default=None)
+                             "folder or one step_* checkpoint); with none there yet, start fresh", default=None)
     resume: bool = _help("shorthand for --load with the --save directory", default=False)
     finetune: bool = _help("with --load: load the weights only (optimizer, step, data and RNG start fresh)",
                            default=False)
@@ -138,8 +139,15 @@ class LoopConfig:
     exit_duration_in_mins: float = _help("save a checkpoint and exit cleanly after this many minutes of training",
                                          default=0.0)
     tensorboard_dir: str | None = _help("write TensorBoard scalars here", default=None)
+    parallel: str = _help("how data-parallel ranks hold the model under torchrun: ddp (whole replicas) | fsdp "
+                          "(FSDP2: parameters, gradients and optimizer state sharded)", default="ddp")
+    tensor_model_parallel_size: int = _help("split every layer over this many ranks (Megatron's layout); "
+                                            "the data-parallel size is the world size over it", default=1)
+    recompute_activations: bool = _help("activation checkpointing per block: recompute in backward instead "
+                                        "of keeping activations", default=False)
     micro_batch_size: int = 8
-    global_batch_size: int | None = _help("micro batch x accumulation x ranks (default: no accumulation)",
+    global_batch_size: int | None = _help("micro batch x accumulation x data-parallel ranks (default: no "
+                                          "accumulation)",
                                           default=None)
     train_iters: int = 1000
     lr: float = 1e-3
@@ -156,12 +164,13 @@ class LoopConfig:
     eval_interval: int = 100
     log_interval: int = 10
 
-    def loop(self, world: int, **train) -> tuple[TrainConfig, OptimConfig]:
+    def loop(self, layout: parallel.Layout, **train) -> tuple[TrainConfig, OptimConfig]:
         """The loop's TrainConfig (with job-specific `train` fields) and OptimConfig."""
         tcfg = TrainConfig(out=self.save, steps=self.train_iters, micro_batch=self.micro_batch_size,
-                           global_batch=self.global_batch_size or self.micro_batch_size * world,
+                           global_batch=self.global_batch_size or self.micro_batch_size * layout.dp,
                            clip_grad=self.clip_grad, bf16=self.bf16, save_interval=self.save_interval,
-                           seed=self.seed, log_interval=self.log_interval, world_size=world,
+                           seed=self.seed, log_interval=self.log_interval, data_parallel=layout.dp,
+                           parallel=self.parallel, recompute=self.recompute_activations,
                            finetune=self.finetune, load_optim=not self.no_load_optim, load_rng=not self.no_load_rng,
                            exit_interval=self.exit_interval, exit_duration_mins=self.exit_duration_in_mins,
                            tensorboard_dir=self.tensorboard_dir, **{"eval_interval": self.eval_interval, **train})
@@ -180,7 +189,7 @@ class LoopConfig:
             return None
         found = checkpoint.latest(where)
         if found is None:
-            _say(f"{where}: no checkpoint (step_*.pt) yet: starting fresh")
+            _say(f"{where}: no checkpoint (step_*) yet: starting fresh")
         return found
 
 
@@ -228,8 +237,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     from .model import T5
 
     out = cfg.save
-    rank, world, device = _setup(cfg.device, out)
-    main = rank == 0
+    layout = _setup(cfg)
+    main = layout.rank == 0
     if cfg.max_position_embeddings is not None and cfg.max_position_embeddings < cfg.seq_length:
         raise ValueError(f"--max-position-embeddings {cfg.max_position_embeddings} < --seq-length "
                          f"{cfg.seq_length} (T5 uses relative positions; the flag is only checked)")
@@ -241,7 +250,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         if main:
             _say(f"embedded corpus: {write_embedded_corpus(paths[0])} chapters (King James + World English Bible)"
                  f" -> {paths[0]}")
-        distributed.barrier()
+        parallel.barrier()
     if store_dir is None and main:
         n_docs = check_corpus(paths, cfg.skip_bad_lines)  # before SentencePiece sees the text
         _say(f"corpus: {n_docs:,} documents in {len(paths)} file(s)")
@@ -255,14 +264,14 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
             _say(f"training a {cfg.vocab_size}-piece SentencePiece tokenizer -> {tok_dir}")
             train_tokenizer((d for p in paths for d in iter_documents(p, cfg.skip_bad_lines)), cfg.vocab_size,
                             tok_dir, extra_ids=cfg.vocab_extra_ids)
-        distributed.barrier()
+        parallel.barrier()
     tok = _tokenizer_for(None, tok_dir)
     if store_dir is None:
         store_dir = os.path.join(out, "data")
         if main:
             build_token_store(paths, tok, store_dir, workers=cfg.workers, skip_bad_lines=cfg.skip_bad_lines,
                               progress=progress)
-        distributed.barrier()
+        parallel.barrier()
     store = TokenStore(store_dir, tok)
     # model
     if cfg.model:
@@ -281,7 +290,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     dcfg = DataConfig(inputs_length=cfg.seq_length, seed=cfg.seed)
     segments = raw_segments(store.offsets, random_spans_helper(dcfg.inputs_length)[0])
     n_eval = max(8, len(segments) // 50)
-    common = dict(eos=tok.eos_id, pad=tok.pad_id, pack=not cfg.drop_remainders, rank=rank, world=world)
+    common = dict(eos=tok.eos_id, pad=tok.pad_id, pack=not cfg.drop_remainders, rank=layout.dp_rank, world=layout.dp)
     batches = SpanCorruptionBatches(store.tokens, segments[:-n_eval], dcfg, tok.sentinel_id(0), cfg.micro_batch_size,
                                     **common)
     held_out = SpanCorruptionBatches(store.tokens, segments[-n_eval:], dcfg, tok.sentinel_id(0),
@@ -289,20 +298,28 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     if cfg.decoder_seq_length is not None and cfg.decoder_seq_length < batches.targets_length:
         raise ValueError(f"--decoder-seq-length {cfg.decoder_seq_length} < {batches.targets_length}, the "
                          f"targets length span corruption gives for --seq-length {cfg.seq_length}")
-    tcfg, ocfg = cfg.loop(world, z_loss=cfg.z_loss)
+    tcfg, ocfg = cfg.loop(layout, z_loss=cfg.z_loss)
     if main:
         write_run_config(out, model=model_cfg.to_hf_json(), train=tcfg, optim=ocfg, data=dcfg, flags=asdict(cfg))
-        _say(f"parameters: {model_cfg.num_params():,}; {world} process(es); raw segment {batches.raw_len} -> "
+        _say(f"parameters: {model_cfg.num_params():,}; {_describe(layout, cfg)}; raw segment {batches.raw_len} -> "
              f"inputs {dcfg.inputs_length}, targets {batches.targets_length}; {len(batches.segments)} training "
              f"segments ({'short ones packed' if batches.pack else 'short ones dropped'}); unigram baseline "
              f"{unigram_entropy(store.tokens):.3f} nats/token")
 
     def evaluator(m):
-        return loss_eval(m, itertools.islice(held_out, cfg.eval_iters), device, cfg.bf16)
+        return loss_eval(m, itertools.islice(held_out, cfg.eval_iters), layout.device, cfg.bf16)
 
-    row = train(model, batches, evaluator, tcfg, ocfg, tokenizer=tok, device=device, progress=progress,
+    row = train(model, batches, evaluator, tcfg, ocfg, tokenizer=tok, layout=layout, progress=progress,
                 resume=cfg.resume_from())
     return {**row, "final": os.path.join(out, "final")}
+
+
+def _describe(layout: parallel.Layout, cfg: LoopConfig) -> str:
+    if layout.world == 1:
+        return "1 process"
+    how = {"ddp": "DDP", "fsdp": "FSDP2"}[cfg.parallel]
+    return (f"{layout.world} processes: {layout.dp} data-parallel ({how}) x {layout.tp} tensor-parallel"
+            + ("; activations recomputed" if cfg.recompute_activations else ""))
 
 
 def unigram_entropy(tokens) -> float:
@@ -376,7 +393,11 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     for part in cfg.freeze:
         if part not in FREEZE_PARTS:
             raise ValueError(f"--freeze {part!r}: expected one of {', '.join(FREEZE_PARTS)}")
-    rank, world, device = _setup(cfg.device, cfg.save)
+    if gen_metric and cfg.tensor_model_parallel_size > 1:
+        raise ValueError(f"--eval-metric {cfg.eval_metric} generates text, which runs on whole layers: use "
+                         f"--tensor-model-parallel-size 1 (FSDP / DDP), or --eval-metric loss")
+    layout = _setup(cfg)
+    rank, world = layout.dp_rank, layout.dp
     model_dir = resolve_model_dir(cfg.model)
     tok = _tokenizer_for(model_dir, cfg.tokenizer)
     cache = os.path.join(cfg.save, "cache")
@@ -405,27 +426,27 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
     n_frozen = freeze(model, cfg.freeze)
-    tcfg, ocfg = cfg.loop(world, eval_interval=cfg.eval_interval if valid else 0, export_best=valid is not None,
+    tcfg, ocfg = cfg.loop(layout, eval_interval=cfg.eval_interval if valid else 0, export_best=valid is not None,
                           label_smoothing=cfg.label_smoothing, patience=cfg.patience,
                           monitor=MONITOR.get(cfg.eval_metric, f"eval_{cfg.eval_metric}"))
-    if rank == 0:
+    if layout.rank == 0:
         write_run_config(cfg.save, model=model.config.to_hf_json(), train=tcfg, optim=ocfg, flags=asdict(cfg))
-        _say(f"{model_dir}: {model.config.num_params():,} parameters ({n_frozen:,} frozen); {world} process(es)")
+        _say(f"{model_dir}: {model.config.num_params():,} parameters ({n_frozen:,} frozen); {_describe(layout, cfg)}")
 
     def evaluator(m) -> dict:
         shard = itertools.islice(eval_batches(valid, cfg.eval_batch_size), rank, None, world)
-        row = loss_eval(m, shard, device, cfg.bf16)
+        row = loss_eval(m, shard, layout.device, cfg.bf16)
         if gen_metric:
             preds = predict(m, tok, [i for i, _ in valid_texts[rank::world]], cfg.eval_batch_size,
                             num_beams=cfg.eval_num_beams, max_new_tokens=cfg.max_target_length,
                             max_input_tokens=cfg.max_input_length)
-            shares = distributed.gather(preds)  # rank r generated examples r, r + world, ...
+            shares = parallel.gather(preds)  # rank r generated examples r, r + world, ...
             preds = [shares[i % world][i // world] for i in range(len(valid_texts))]
             scores = compute(gen_metric, preds, [t for _, t in valid_texts])
             row.update({f"eval_{k}": v for k, v in scores.items() if isinstance(v, float)})
         return row
 
-    row = train(model, batches, evaluator if valid else None, tcfg, ocfg, tokenizer=tok, device=device,
+    row = train(model, batches, evaluator if valid else None, tcfg, ocfg, tokenizer=tok, layout=layout,
                 progress=progress, resume=cfg.resume_from())
     return {**row, "final": os.path.join(cfg.save, "final"),
             "best_dir": os.path.join(cfg.save, "best") if valid else None}

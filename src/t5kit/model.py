@@ -90,8 +90,8 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout_rate
 
     def split(self, x: Tensor) -> Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.h, self.d).transpose(1, 2)  # (B, N, H*D) -> (B, H, N, D)
+        b, n, _ = x.shape  # H is the local share of heads when the projections are split by head
+        return x.view(b, n, -1, self.d).transpose(1, 2)  # (B, N, H*D) -> (B, H, N, D)
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.split(self.k(x)), self.split(self.v(x))  # 2 x (B, H, K, D)
@@ -101,7 +101,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q = self.split(self.q(x))  # (B, H, T, D)
         out = attend(q, kv[0], kv[1], bias, self.dropout if self.training else 0.0)
-        return self.o(out.transpose(1, 2).reshape(b, t, self.h * self.d))  # (B, H, T, D) -> (B, T, H*D)
+        return self.o(out.transpose(1, 2).reshape(b, t, -1))  # (B, H, T, D) -> (B, T, H*D)
 
 
 class FeedForward(nn.Module):
@@ -165,13 +165,17 @@ class DecoderBlock(nn.Module):
         self.ffn = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout_rate)
 
-    def forward(self, x: Tensor, self_bias: Tensor, cross_kv: tuple[Tensor, Tensor], cross_bias: Tensor,
+    def forward(self, x: Tensor, self_bias: Tensor, cross_bias: Tensor, memory: Tensor | None = None,
                 cache: "DecodeCache | None" = None, layer: int = 0) -> Tensor:
-        """With a cache, x's keys are written at the cache position and all keys so far attended."""
+        """memory (B, S, C): the encoder output, projected to this block's cross K/V here (inside
+        the block's forward, where its weights are in hand when sharded, parallel.py). With a
+        cache, the cross K/V are the cache's; x's keys are written at the cache position and all
+        keys so far attended."""
         h = self.attn_norm(x)
         kv = self.attn.project_kv(h)
         if cache is not None:
             kv = cache.write(layer, kv)
+        cross_kv = cache.cross_kv[layer] if cache is not None else self.cross.project_kv(memory)
         x = _clamp_fp16(x + self.drop(self.attn(h, kv, self_bias)))
         x = _clamp_fp16(x + self.drop(self.cross(self.cross_norm(x), cross_kv, cross_bias)))
         return _clamp_fp16(x + self.drop(self.ffn(self.ffn_norm(x))))
@@ -353,7 +357,7 @@ class Decoder(Stack):
         t = x.shape[1]
         if cache is not None:
             self_biases = cache.step_biases()
-            cross_kvs, cross_bias = cache.cross_kv, cache.cross_bias
+            cross_bias = cache.cross_bias
         else:
             s = memory.shape[1]
             if segment_ids is not None:
@@ -372,10 +376,9 @@ class Decoder(Stack):
                     pos = segment_positions(segment_ids)  # (B, T)
                 self_biases = self.position_biases(pos, pos, mask_bias(keep.dense(x.device), x.dtype))
                 cross_bias = mask_bias(cross.dense(x.device), x.dtype)
-            cross_kvs = [blk.cross.project_kv(memory) for blk in self.blocks]
         x = self.drop(x)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, self_biases[i], cross_kvs[i], cross_bias, cache, i)
+            x = blk(x, self_biases[i], cross_bias, memory, cache, i)
         if cache is not None:
             cache.advance()
         return self.drop(self.norm(x))

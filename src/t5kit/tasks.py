@@ -13,6 +13,8 @@ Packed batches have the fixed shape (B, inputs_length), (B, targets_length) and 
 
 from __future__ import annotations
 
+import copy
+
 import csv
 import hashlib
 import json
@@ -487,6 +489,26 @@ class TaskBatches:
         self._start = {"draw": int(state["draw"]), "epochs": [int(e) for e in state["epochs"]],
                        "positions": [int(p) for p in state["positions"]]}
         self._mine = None
+
+    def reshard(self, states: list[dict], rank: int) -> tuple[dict, int]:
+        """The state to resume with from the (equal) states a checkpoint saved for len(states)
+        data-parallel ranks, and how many examples the change of rank count skips. A chunk is cut
+        for a rank count, so a chunk begun under another count is left at its end (exact when
+        every batch of it was taken, the rule in packed mode) and the next starts fresh here."""
+        if len(states) == self.world:
+            return states[rank], 0
+        state = states[0]
+        if int(state["batch"]) == 0:
+            return state, 0
+        old = copy.copy(self)
+        old.world, old.rank, old._perms = len(states), 0, {}
+        old.load_state(state)
+        old._make_chunk()
+        left = len(old._mine) - int(state["batch"])
+        end = old._end
+        return ({"chunk": int(state["chunk"]) + 1, "batch": 0, "draw": end["draw"], "epochs": end["epochs"],
+                 "positions": end["positions"]}, sum(len(r) for b in old._mine[-left:] for r in b) * old.world
+                if left else 0)
 
     # -- the example stream: pure functions of the counters --
 

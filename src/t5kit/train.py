@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, distributed
+from . import checkpoint, parallel
 from .hf import save_pretrained
 from .optim import OptimConfig, build_optimizer, lr_at
 
@@ -40,7 +41,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_interval: int = 10
     seed: int = 1234
-    world_size: int = 1
+    data_parallel: int = 1  # data-parallel ranks (the world size over the tensor-parallel size)
+    parallel: str = "ddp"  # how data-parallel ranks hold the model: ddp (replicas) | fsdp (FSDP2 shards)
+    recompute: bool = False  # activation checkpointing per block
     label_smoothing: float = 0.0
     monitor: str = "eval_loss"  # the evaluation key that picks <out>/best and drives early stopping
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
@@ -59,13 +62,16 @@ class TrainConfig:
             raise ValueError(f"label smoothing {self.label_smoothing}: expected a value in [0, 1)")
         if self.patience < 0:
             raise ValueError(f"patience {self.patience}: expected >= 0")
-        if self.global_batch % (self.micro_batch * self.world_size):
-            raise ValueError(f"global batch {self.global_batch} is not divisible by micro batch {self.micro_batch} "
-                             f"x world size {self.world_size}")
+        if self.global_batch % (self.micro_batch * self.data_parallel):
+            raise ValueError(f"--global-batch-size {self.global_batch} is not divisible by --micro-batch-size "
+                             f"{self.micro_batch} x {self.data_parallel} data-parallel ranks (the world size over "
+                             f"--tensor-model-parallel-size)")
+        if self.parallel not in parallel.PARALLEL:
+            raise ValueError(f"--parallel {self.parallel!r}: expected one of {', '.join(parallel.PARALLEL)}")
 
     @property
     def accumulation(self) -> int:
-        return self.global_batch // (self.micro_batch * self.world_size)
+        return self.global_batch // (self.micro_batch * self.data_parallel)
 
     def improved(self, value: float, best: float | None) -> bool:
         """Losses improve downwards, every other metric (BLEU, accuracy, ...) upwards."""
@@ -99,17 +105,27 @@ def _tensors(batch: dict, device) -> dict:
 
 def loss_terms(model, batch: dict, z_loss: float = 0.0,
                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (summed token CE [+ z-loss], number of target tokens, number correct)."""
+    """-> (summed token CE [+ z-loss], number of target tokens, number correct).
+
+    Written over log-probabilities and maxima along the vocabulary only, so that logits split by
+    vocabulary (tensor parallelism) need no gather: every vocabulary reduction is a small
+    all-reduce (DTensor `loss_parallel`). The per-token terms are then plain (B * T,) tensors."""
     mask = batch["input_ids"] != 0
     logits = model(batch["input_ids"], batch["decoder_input_ids"], mask, segment_ids=batch.get("segment_ids"),
-                   decoder_segment_ids=batch.get("decoder_segment_ids")).float()
-    labels = batch["labels"]
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum",
-                           label_smoothing=label_smoothing)
+                   decoder_segment_ids=batch.get("decoder_segment_ids")).float()  # (B, T, V)
+    labels = batch["labels"].flatten()
     valid = labels != -100
+    logp = F.log_softmax(logits, -1).flatten(0, 1)  # (B*T, V)
+    nll = parallel.local(F.nll_loss(logp, labels, ignore_index=-100, reduction="none"))  # 0 where ignored
+    best = parallel.local(logp.max(-1).values)  # the argmax's log-prob: log p(label) equals it iff correct
+    smooth = parallel.local(logp.mean(-1)) if label_smoothing else None
+    log_z = parallel.local(logits.flatten(0, 1).max(-1).values) - best if z_loss else None  # logsumexp
+    loss = nll.sum()
+    if label_smoothing:  # torch's cross_entropy(label_smoothing=e): (1 - e) NLL + e * mean over V of -log p
+        loss = (1 - label_smoothing) * loss - label_smoothing * smooth[valid].sum()
     if z_loss:  # t5x: z_loss * log(Z)^2 per target token
-        loss = loss + z_loss * (torch.logsumexp(logits, -1)[valid] ** 2).sum()
-    correct = ((logits.argmax(-1) == labels) & valid).sum()
+        loss = loss + z_loss * (log_z[valid] ** 2).sum()
+    correct = (valid & (-nll == best)).sum()
     return loss, valid.sum(), correct
 
 
@@ -119,10 +135,10 @@ def evaluate(model, batches, device, bf16: bool) -> dict:
     model.eval()
     total, tokens, correct = 0.0, 0, 0
     for batch in batches:
-        with _autocast(device, bf16):
+        with _autocast(device, bf16), parallel.vocab_parallel():
             loss, n, c = loss_terms(model, _tensors(batch, device))
         total, tokens, correct = total + loss.item(), tokens + n.item(), correct + c.item()
-    total, tokens, correct = distributed.sum_all(total, tokens, correct)
+    total, tokens, correct = parallel.sum_all(total, tokens, correct)
     model.train()
     return {"eval_loss": total / max(tokens, 1), "eval_accuracy": correct / max(tokens, 1)}
 
@@ -154,31 +170,40 @@ class MetricsLog:
 
 
 def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, tokenizer=None,
-          resume: str | None = None, device: str = "cpu", progress: bool = True) -> dict:
+          resume: str | None = None, layout: parallel.Layout = parallel.Layout(), progress: bool = True) -> dict:
     """Train `model` on `batches` (an iterator with state()/load_state()); returns the last log row.
 
+    The model is parallelised here for `layout` (parallel.apply: tensor parallelism, activation
+    checkpointing, FSDP2 or DDP), on every rank; `batches` are this data-parallel rank's.
     evaluator(model) -> {"eval_loss": ..., ...} runs every `eval_interval` steps and at the end, on
     every rank (it reduces over ranks itself); `tcfg.monitor` names the key that picks <out>/best."""
     from tqdm import tqdm
 
+    device = layout.device
     os.makedirs(tcfg.out, exist_ok=True)
-    torch.manual_seed(tcfg.seed + distributed.rank())  # dropout masks: reproducible, distinct per rank
+    # dropout masks: reproducible, distinct per data-parallel rank, equal within a tensor-parallel
+    # group (whose replicated activations must stay equal)
+    torch.manual_seed(tcfg.seed + layout.dp_rank)
     model.to(device).train()
+    net = parallel.apply(model, layout, tcfg.parallel, tcfg.bf16, tcfg.recompute)
     optimizer = build_optimizer(model, ocfg)
     ckpt_dir = os.path.join(tcfg.out, "checkpoints")
     step, trainer = 0, {"best": None, "best_step": None, "bad_evals": 0}
+    main = parallel.is_main()
     if resume:
         step, data_states, saved = checkpoint.load(resume, model, optimizer, tcfg.load_optim, tcfg.load_rng,
                                                    weights_only=tcfg.finetune)
         if not tcfg.finetune:
-            if len(data_states) != tcfg.world_size:
-                raise ValueError(f"{resume}: checkpoint has data states for {len(data_states)} ranks, this run "
-                                 f"has {tcfg.world_size}; resume with the same number of processes")
-            batches.load_state(data_states[distributed.rank()])
+            state, skipped = batches.reshard(data_states, layout.dp_rank)
+            if skipped and main:
+                print(f"t5kit: {resume}: saved by {len(data_states)} data-parallel ranks, resumed on "
+                      f"{layout.dp}: the data stream continues after the furthest rank, skipping {skipped} "
+                      f"examples", file=sys.stderr)
+            batches.load_state(state)
             trainer.update(saved)
-    ddp = distributed.wrap(model, device)
-    main = distributed.is_main()
     log = MetricsLog(tcfg.out, tcfg.tensorboard_dir) if main else None
+    layout_info = {"world": layout.world, "tensor_parallel": layout.tp, "data_parallel": layout.dp,
+                   "parallel": tcfg.parallel}
     started = time.monotonic()
     bar = tqdm(total=tcfg.steps, initial=step, disable=not (progress and main), desc="train", unit="step")
     row: dict = {}
@@ -189,18 +214,19 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
             group["lr"] = lr
         micro = [_tensors(next(batches), device) for _ in range(tcfg.accumulation)]
         local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
-        (n_tokens,) = distributed.sum_all(local_tokens)  # target tokens in the whole global batch
+        (n_tokens,) = parallel.sum_all(local_tokens)  # target tokens in the whole global batch
         total = 0.0
         for i, b in enumerate(micro):
-            sync = i == len(micro) - 1 or ddp is model
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), _autocast(device, tcfg.bf16):
-                loss, _, _ = loss_terms(ddp, b, tcfg.z_loss, tcfg.label_smoothing)
-            # DDP averages gradients over ranks; scaling by world size makes it the global token sum
-            (loss * tcfg.world_size / n_tokens).backward()
+            with parallel.sync_gradients(net, i == len(micro) - 1), _autocast(device, tcfg.bf16), \
+                    parallel.vocab_parallel():
+                loss, _, _ = loss_terms(net, b, tcfg.z_loss, tcfg.label_smoothing)
+                # DDP / FSDP average gradients over data-parallel ranks: scaling by their number
+                # makes it the global token sum
+                (loss * tcfg.data_parallel / n_tokens).backward()
             total += loss.item()
-        (total,) = distributed.sum_all(total)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tcfg.clip_grad or math.inf).item()
+        (total,) = parallel.sum_all(total)
+        grad_norm = parallel.clip_grad_norm([p for p in model.parameters() if p.requires_grad],
+                                            tcfg.clip_grad or math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -214,7 +240,7 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
                                  f"{sorted(k for k in row if k.startswith('eval_'))}")
             if tcfg.improved(row[tcfg.monitor], trainer["best"]):
                 trainer.update(best=row[tcfg.monitor], best_step=step, bad_evals=0)
-                if main and tcfg.export_best:
+                if tcfg.export_best:
                     export(model, tokenizer, os.path.join(tcfg.out, "best"),
                            {"step": step, "monitor": tcfg.monitor, "value": row[tcfg.monitor]})
             else:
@@ -229,22 +255,22 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
             row["exit"] = leave
         if step % tcfg.log_interval == 0 or step == tcfg.steps or "eval_loss" in row or stop or leave:
             now = time.perf_counter()
-            row["tokens_per_s"] = tokens_since / (now - t_last) * tcfg.world_size
+            row["tokens_per_s"] = tokens_since / (now - t_last) * tcfg.data_parallel
             t_last, tokens_since = now, 0
             if main:
                 log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
         if stop or leave or (tcfg.save_interval and step % tcfg.save_interval == 0):
-            data_states = distributed.gather(batches.state())  # ranks may have consumed different counts
-            if main:
-                checkpoint.save(ckpt_dir, step, model, optimizer, data_states, tcfg.keep_checkpoints, trainer)
+            data_states = parallel.gather(batches.state())  # ranks may have consumed different counts
+            checkpoint.save(ckpt_dir, step, model, optimizer, data_states, tcfg.keep_checkpoints, trainer,
+                            layout_info)
         if leave:
             bar.write(f"step {step}: {leave}: checkpoint saved, exiting (run the same command to continue)")
         if stop or leave:
             break
     bar.close()
-    if main and not row.get("exit"):
+    if not row.get("exit"):
         export(model, tokenizer, os.path.join(tcfg.out, "final"), {"step": step})
     return {**row, "best_step": trainer["best_step"], "best": trainer["best"]}
 
@@ -257,7 +283,7 @@ def _exit_reason(tcfg: TrainConfig, step: int, started: float) -> str | None:
     if tcfg.exit_interval and step % tcfg.exit_interval == 0:
         return f"--exit-interval {tcfg.exit_interval}"
     if tcfg.exit_duration_mins:
-        (over,) = distributed.sum_all(float(time.monotonic() - started > tcfg.exit_duration_mins * 60))
+        (over,) = parallel.sum_all(float(time.monotonic() - started > tcfg.exit_duration_mins * 60))
         if over:
             return f"--exit-duration-in-mins {tcfg.exit_duration_mins:g}"
     return None
@@ -265,14 +291,19 @@ def _exit_reason(tcfg: TrainConfig, step: int, started: float) -> str | None:
 
 def export(model, tokenizer, folder: str, state: dict) -> None:
     """HF-layout weights + tokenizer + trainer_state.json in `folder`, replaced as a whole: written
-    beside it first, so a crash mid-export leaves the previous export loadable."""
+    beside it first, so a crash mid-export leaves the previous export loadable. Called on every
+    rank (a sharded model's tensors are gathered one at a time); rank 0 writes."""
     import shutil
 
     from .atomic import write_json
+    main = parallel.is_main()
     tmp, old = folder + ".tmp", folder + ".old"
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
+    if main:
+        for stale in (tmp, old):
+            shutil.rmtree(stale, ignore_errors=True)
     save_pretrained(model, tmp)
+    if not main:
+        return
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     write_json(os.path.join(tmp, "trainer_state.json"), state)
