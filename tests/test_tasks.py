@@ -409,3 +409,33 @@ def test_encode_decode_never_raises(sp_tok, text):
         assert isinstance(tok.decode(ids), str)
     if not any(s in text for s in ("<pad>", "</s>", "<unk>")):
         assert Tokenizer.byt5().decode(Tokenizer.byt5().encode(text)) == text
+
+
+def test_reshard_to_fewer_ranks_continues_without_repeating(mix):
+    """A checkpoint of 2 data-parallel ranks resumed by 1: packed (a chunk is one batch per rank,
+    so the switch is exact: the 1-rank stream resumed at the same examples) and bucketed (the
+    begun chunk is left at its end: nothing repeated, the skipped examples counted)."""
+    for kw, exact in (({"pack": True, "inputs_length": 40, "targets_length": 20}, True), ({"bucket_batches": 3}, False)):
+        two = [TaskBatches(mix, 5, seed=1, rank=r, world=2, **kw) for r in range(2)]
+        seen = {row for _ in range(4) for it in two for row in _rows_any(next(it))}
+        one = TaskBatches(mix, 5, seed=1, **kw)
+        state, skipped = one.reshard([it.state() for it in two], 0)
+        assert (skipped == 0) == exact, (kw, skipped)
+        one.load_state(state)
+        after = [row for _ in range(6) for row in _rows_any(next(one))]
+        assert not seen & set(after), kw
+        if exact:  # the same examples, in the same order, as 2 ranks would have read next
+            more = [row for _ in range(3) for it in two for row in _rows_any(next(it))]
+            assert sorted(more) == sorted(after)
+    same = TaskBatches(mix, 5, seed=1, rank=1, world=2)
+    assert same.reshard([{"a": 0}, {"b": 1}], 1) == ({"b": 1}, 0)  # same rank count: each rank its own
+
+
+def _rows_any(batch):
+    """(task marker, example number) of every example of a batch, packed or not: each example's
+    input starts with its task marker and number (_random_task), after EOS or at a row start."""
+    out = []
+    for row, seg in zip(batch["input_ids"].tolist(), batch.get("segment_ids", batch["input_ids"] != 0).tolist()):
+        starts = [k for k in range(len(row)) if seg[k] and (k == 0 or seg[k] != seg[k - 1])]
+        out += [(row[k], row[k + 1]) for k in starts]
+    return out
