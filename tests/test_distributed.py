@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from test_finetune import _ft_args, _rows as _ft_rows, tasks  # noqa: F401  (fixture)
 from test_pretrain import _losses, _pretrain_args, corpus  # noqa: F401  (fixture)
 
 from t5kit.cli import main
@@ -144,3 +145,25 @@ def test_checkpoint_of_another_shape_stops_every_rank(corpus, tmp_path):  # noqa
     assert res.returncode != 0
     assert res.stderr.count("checkpoint is for a different model shape (d_model: checkpoint 64 vs run 128") == 2, \
         res.stderr[-3000:]
+
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_finetune_under_fsdp_equals_one_process_with_generation_metric(tasks, tmp_path):  # noqa: F811
+    """Fine-tuning on 2 FSDP ranks, validated by greedy generation (every unit gathered while it
+    generates): the losses and exact-match scores of one process accumulating 2 micro-batches."""
+    extra = ["--valid", f"{tasks / 'copy_valid.jsonl'}:copy: ", "--eval-metric", "exact_match", "--eval-interval",
+             "3", "--global-batch-size", "16", "--micro-batch-size", "8", "--pack"]  # packed: the same batches at any rank count
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_ft_args(tasks, one, 6, *extra)) == 0
+    res = _torchrun([*_ft_args(tasks, two, 6, *extra), "--parallel", "fsdp"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _ft_rows(one), _ft_rows(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        if "eval_exact_match" in x:
+            assert y["eval_exact_match"] == x["eval_exact_match"] and y["eval_loss"] == pytest.approx(x["eval_loss"])
+    assert sum("eval_exact_match" in r for r in b) == 2
+    assert (two / "best" / "model.safetensors").exists()

@@ -437,9 +437,10 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         shard = itertools.islice(eval_batches(valid, cfg.eval_batch_size), rank, None, world)
         row = loss_eval(m, shard, layout.device, cfg.bf16)
         if gen_metric:
-            preds = predict(m, tok, [i for i, _ in valid_texts[rank::world]], cfg.eval_batch_size,
-                            num_beams=cfg.eval_num_beams, max_new_tokens=cfg.max_target_length,
-                            max_input_tokens=cfg.max_input_length)
+            with parallel.gathered(m):  # generation calls layers outside their forward
+                preds = predict(m, tok, [i for i, _ in valid_texts[rank::world]], cfg.eval_batch_size,
+                                num_beams=cfg.eval_num_beams, max_new_tokens=cfg.max_target_length,
+                                max_input_tokens=cfg.max_input_length)
             shares = parallel.gather(preds)  # rank r generated examples r, r + world, ...
             preds = [shares[i % world][i // world] for i in range(len(valid_texts))]
             scores = compute(gen_metric, preds, [t for _, t in valid_texts])

@@ -268,7 +268,8 @@ def sum_all(*values: float) -> list[float]:
     """Sum each value over the data-parallel ranks (tensor-parallel ranks hold the same batch)."""
     if not active():
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces device tensors only
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, group=_dp_group)
     return t.tolist()
 
