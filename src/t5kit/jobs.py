@@ -146,8 +146,8 @@ class LoopConfig:
     recompute_activations: bool = _help("activation checkpointing per block: recompute in backward instead "
                                         "of keeping activations", default=False)
     compile: str = _help("torch.compile the training step: none | block (each encoder and decoder block, "
-                         "torchtitan's way; works with every --parallel layout) | model (the whole forward in one "
-                         "graph); the first step's time, compilation included, is logged as first_step_s",
+                         "torchtitan's way) | model (the whole forward in one graph; not with --parallel fsdp); "
+                         "the first step's time, compilation included, is logged as first_step_s",
                          default="none")
     micro_batch_size: int = 8
     global_batch_size: int | None = _help("micro batch x accumulation x data-parallel ranks (default: no "
