@@ -145,6 +145,10 @@ class LoopConfig:
                                             "the data-parallel size is the world size over it", default=1)
     recompute_activations: bool = _help("activation checkpointing per block: recompute in backward instead "
                                         "of keeping activations", default=False)
+    compile: str = _help("torch.compile the training step: none | block (each encoder and decoder block, "
+                         "torchtitan's way) | model (the whole forward in one graph; not with --parallel fsdp); "
+                         "the first step's time, compilation included, is logged as first_step_s",
+                         default="none")
     micro_batch_size: int = 8
     global_batch_size: int | None = _help("micro batch x accumulation x data-parallel ranks (default: no "
                                           "accumulation)",
@@ -158,6 +162,8 @@ class LoopConfig:
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     bf16: bool = False
+    bf16_params: bool = _help("with --bf16: keep the weights in bf16 (cast once per step) and fp32 master weights "
+                              "and optimizer state in the optimizer", default=False)
     seed: int = 1234
     device: str = "cpu"
     save_interval: int = 500
@@ -170,7 +176,8 @@ class LoopConfig:
                            global_batch=self.global_batch_size or self.micro_batch_size * layout.dp,
                            clip_grad=self.clip_grad, bf16=self.bf16, save_interval=self.save_interval,
                            seed=self.seed, log_interval=self.log_interval, data_parallel=layout.dp,
-                           parallel=self.parallel, recompute=self.recompute_activations,
+                           parallel=self.parallel, recompute=self.recompute_activations, compile=self.compile,
+                           bf16_params=self.bf16_params,
                            finetune=self.finetune, load_optim=not self.no_load_optim, load_rng=not self.no_load_rng,
                            exit_interval=self.exit_interval, exit_duration_mins=self.exit_duration_in_mins,
                            tensorboard_dir=self.tensorboard_dir, **{"eval_interval": self.eval_interval, **train})

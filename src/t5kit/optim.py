@@ -78,3 +78,49 @@ def build_optimizer(model: torch.nn.Module, c: OptimConfig) -> torch.optim.Optim
     cls = AdamWScale if c.name == "adamw_scale" else torch.optim.AdamW
     fused = c.name == "adamw" and all(p.device.type in ("cuda", "cpu") for p in decay + no_decay)
     return cls(groups, lr=c.lr, betas=c.betas, eps=c.eps, **({"fused": True} if fused else {}))
+
+
+def fp32_masters(optimizer: torch.optim.Optimizer) -> None:
+    """bf16 parameters with fp32 master weights and fp32 optimizer state (Megatron-LM's
+    `Float16OptimizerWithFloat16Params`), from outside the optimizer: around every step the
+    parameters' storage is swapped for their fp32 masters (gradients cast to fp32), the optimizer
+    steps in fp32, and each master is cast back into its parameter's own bf16 storage, once per
+    step. That cast is the only one of the step: the forward and backward read the bf16 weights
+    as they are. Masters live in the optimizer state under "master" (checkpointed with it); a
+    parameter without one (a fresh run, --no-load-optim) gets it from its bf16 value, as Megatron
+    makes its masters; loading a state keeps them fp32 (load_state_dict would cast state to the
+parameters' dtype). Gradients stay bf16 until the step, accumulation included."""
+    low: dict = {}  # parameter -> its bf16 storage while the masters are swapped in
+
+    def swap_in(opt, args, kwargs):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                master = opt.state[p].get("master")
+                grad = p.grad
+                p.grad, low[p] = None, p.data
+                p.data = master if master is not None else p.detach().float()
+                if grad is not None:
+                    p.grad = grad.float()
+
+    def swap_out(opt, args, kwargs):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                master = p.data
+                if opt.state[p]:  # an optimizer's own state starts with its first step on p
+                    opt.state[p]["master"] = master
+                p.grad, p.data = None, low.pop(p).copy_(master)
+
+    def fp32_view(opt, state_dict):  # load_state_dict casts state to each parameter's dtype: keep fp32
+        for group in opt.param_groups:
+            for p in group["params"]:
+                low[p], p.data = p.data, p.detach().float()
+
+    def restore(opt):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.data = low.pop(p)
+
+    optimizer.register_step_pre_hook(swap_in)
+    optimizer.register_step_post_hook(swap_out)
+    optimizer.register_load_state_dict_pre_hook(fp32_view)
+    optimizer.register_load_state_dict_post_hook(restore)

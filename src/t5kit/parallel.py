@@ -4,7 +4,7 @@ A run is `world` processes on a 2-D device mesh (data x tensor), `dp` x `tp`. Ra
 group hold the same batch and a share of every layer (Megatron's layout); data-parallel ranks hold
 different batches and either whole replicas (DDP) or a shard of every parameter (FSDP2). Order of
 application follows torchtitan's `parallelize.py`: tensor parallelism, then activation
-checkpointing, then FSDP / DDP. Every helper degrades to the identity in a single process.
+checkpointing, then torch.compile, then FSDP / DDP. Every helper degrades to the identity in a single process.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 PARALLEL = ("ddp", "fsdp")
+COMPILE = ("none", "block", "model")
 
 # The data-parallel process group of this run: reductions of losses and token counts, data-state
 # gathering. None when not distributed; the whole world when tp == 1.
@@ -65,10 +66,13 @@ def init(device: str, tp: int = 1) -> Layout:
     return Layout(dist.get_rank(), world, tp, device, mesh)
 
 
-def check(model: nn.Module, layout: Layout, how: str) -> None:
+def check(model: nn.Module, layout: Layout, how: str, compile: str = "none") -> None:
     """Refuse layouts the model or the chosen data parallelism cannot take (same on every rank)."""
     if how not in PARALLEL:
         raise ValueError(f"--parallel {how!r}: expected one of {', '.join(PARALLEL)}")
+    if how == "fsdp" and layout.world > 1 and compile == "model":
+        raise ValueError("--compile model with --parallel fsdp: FSDP2's hooks would sit inside one whole-model "
+                         "graph; use --compile block (each block compiled, then sharded, as torchtitan does)")
     c = model.config
     for name, size in (("--num-attention-heads", c.num_heads), ("--ffn-hidden-size", c.d_ff),
                        ("the vocabulary", c.vocab_size)):
@@ -81,15 +85,16 @@ def check(model: nn.Module, layout: Layout, how: str) -> None:
 
 
 def apply(model: nn.Module, layout: Layout, how: str = "ddp", bf16: bool = False,
-          recompute: bool = False) -> nn.Module:
+          recompute: bool = False, compile: str = "none") -> nn.Module:
     """Parallelise a built model in place; -> the module to call for training (a DDP wrapper, or
     the model itself). The model keeps its parameter names, so checkpoints and exports see the
     same keys whatever the layout."""
-    check(model, layout, how)
+    check(model, layout, how, compile)
     if layout.tp > 1:
         tensor_parallel(model, layout.mesh["tp"])
     if recompute:
         recompute_blocks(model)
+    compile_model(model, compile)
     if layout.world == 1:
         return model
     if how == "fsdp":  # on a (1, tp) mesh too: the same 2-D parameters as at any data-parallel size
@@ -155,6 +160,24 @@ def recompute_blocks(model: nn.Module) -> None:
             stack.blocks[i] = checkpoint_wrapper(blk)
 
 
+def compile_model(model: nn.Module, how: str) -> None:
+    """torch.compile from outside, in place (`Module.compile`: parameter names unchanged).
+    block: every encoder and decoder block (under --recompute-activations, its checkpoint wrapper)
+    and each stack's final norm, one graph per block class, reused by every block of it
+    (torchtitan's per-block compile); RMSNorm, the gated GELU and the residual adds fuse into the
+    matmuls' neighbours. model: the whole forward, embedding to logits, one graph. Compilation
+    happens at the first call (the loop reports that step's time)."""
+    if how not in COMPILE:
+        raise ValueError(f"--compile {how!r}: expected one of {', '.join(COMPILE)}")
+    if how == "model":
+        model.compile()
+    elif how == "block":
+        for stack in (model.encoder, model.decoder):
+            for blk in stack.blocks:
+                blk.compile()
+            stack.norm.compile()
+
+
 def fully_shard_model(model: nn.Module, mesh, bf16: bool) -> None:
     """FSDP2: the layers of each encoder and decoder block one unit (their parameters gathered
     just before use and freed after), then the root: embedding, final norms, LM head and the
@@ -207,9 +230,9 @@ def _fsdp_no_sync(module):
         module.set_requires_gradient_sync(True)
 
 
-def clip_grad_norm(params: list, max_norm: float) -> float:
+def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
     """The global gradient norm over every parameter, whatever its sharding, clipped to max_norm
-    (inf: measure only). Gradients are grouped by mesh and placement: a group of DTensors gives a
+    (inf: measure only); -> a 0-d tensor on the device (reading it is a host sync, left to logging). Gradients are grouped by mesh and placement: a group of DTensors gives a
     partial norm that `full_tensor()` completes (torchtitan `clip_grad_norm_`); replicated plain
     tensors count once."""
     from torch.distributed.tensor import DTensor
@@ -226,7 +249,7 @@ def clip_grad_norm(params: list, max_norm: float) -> float:
     if max_norm != float("inf"):
         for group in groups.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return total.item()
+    return total
 
 
 def vocab_parallel():

@@ -6,6 +6,13 @@ z-loss and label smoothing; periodic evaluation through a callback (loss, token 
 generation metric), with the best evaluation exported to <out>/best and early stopping after
 `patience` evaluations without improvement; a tqdm bar; metrics.jsonl (and TensorBoard when
 installed); atomic checkpoints with exact resume; final weights + tokenizer in <out>/final.
+
+The step without waste: `--compile block|model` (parallel.compile_model; RMSNorm, the gated GELU
+and residual adds fuse under inductor), the cross-entropy read in fp32 a chunk of rows at a time
+(`TokenStats`), weights cast to bf16 once per step with `--bf16-params` (optim.fp32_masters; under
+plain --bf16, autocast's weight cache casts each weight once per micro-batch forward), and no host
+sync in the step: token counts come from the host arrays, the loss and gradient norm stay on the
+device until a logged step reads them.
 """
 
 from __future__ import annotations
@@ -19,12 +26,13 @@ import time
 from dataclasses import asdict, dataclass
 
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import checkpoint, parallel
 from .hf import save_pretrained
-from .optim import OptimConfig, build_optimizer, lr_at
+from .optim import OptimConfig, build_optimizer, fp32_masters, lr_at
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ class TrainConfig:
     data_parallel: int = 1  # data-parallel ranks (the world size over the tensor-parallel size)
     parallel: str = "ddp"  # how data-parallel ranks hold the model: ddp (replicas) | fsdp (FSDP2 shards)
     recompute: bool = False  # activation checkpointing per block
+    compile: str = "none"  # torch.compile: none | block (each block and final norm) | model (the whole forward)
+    bf16_params: bool = False  # bf16 weights, fp32 master copies and state in the optimizer (needs bf16)
     label_smoothing: float = 0.0
     monitor: str = "eval_loss"  # the evaluation key that picks <out>/best and drives early stopping
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
@@ -68,6 +78,13 @@ class TrainConfig:
                              f"--tensor-model-parallel-size)")
         if self.parallel not in parallel.PARALLEL:
             raise ValueError(f"--parallel {self.parallel!r}: expected one of {', '.join(parallel.PARALLEL)}")
+        if self.compile not in parallel.COMPILE:
+            raise ValueError(f"--compile {self.compile!r}: expected one of {', '.join(parallel.COMPILE)}")
+        if self.bf16_params and not self.bf16:
+            raise ValueError("--bf16-params needs --bf16 (autocast keeps softmax and norms in fp32)")
+        if self.bf16_params and self.parallel == "fsdp":
+            raise ValueError("--bf16-params with --parallel fsdp: FSDP2 under --bf16 already computes with bf16 "
+                             "parameters gathered from fp32 shards; drop --bf16-params")
 
     @property
     def accumulation(self) -> int:
@@ -100,33 +117,96 @@ def freeze(model: torch.nn.Module, parts) -> int:
 
 
 def _tensors(batch: dict, device) -> dict:
-    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+    """Arrays -> tensors on `device`. To CUDA through pinned memory without blocking: a copy
+    from pageable memory waits for the device to finish its queue (a host sync per step)."""
+    if torch.device(device).type != "cuda":
+        return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+    return {k: torch.as_tensor(v).pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def loss_terms(model, batch: dict, z_loss: float = 0.0,
                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (summed token CE [+ z-loss], number of target tokens, number correct).
-
-    Written over log-probabilities and maxima along the vocabulary only, so that logits split by
-    vocabulary (tensor parallelism) need no gather: every vocabulary reduction is a small
-    all-reduce (DTensor `loss_parallel`). The per-token terms are then plain (B * T,) tensors."""
+    """-> (summed token CE [+ z-loss], number of target tokens, number correct)."""
     mask = batch["input_ids"] != 0
     logits = model(batch["input_ids"], batch["decoder_input_ids"], mask, segment_ids=batch.get("segment_ids"),
-                   decoder_segment_ids=batch.get("decoder_segment_ids")).float()  # (B, T, V)
+                   decoder_segment_ids=batch.get("decoder_segment_ids"))  # (B, T, V)
     labels = batch["labels"].flatten()
-    valid = labels != -100
-    logp = F.log_softmax(logits, -1).flatten(0, 1)  # (B*T, V)
-    nll = parallel.local(F.nll_loss(logp, labels, ignore_index=-100, reduction="none"))  # 0 where ignored
-    best = parallel.local(logp.max(-1).values)  # the argmax's log-prob: log p(label) equals it iff correct
-    smooth = parallel.local(logp.mean(-1)) if label_smoothing else None
-    log_z = parallel.local(logits.flatten(0, 1).max(-1).values) - best if z_loss else None  # logsumexp
+    from torch.distributed.tensor import DTensor
+    terms = _terms_vocab_parallel if isinstance(logits, DTensor) else _terms_chunked
+    return terms(logits.flatten(0, 1), labels, z_loss, label_smoothing)
+
+
+def _combine(nll, smooth, log_z, valid, correct, z_loss, label_smoothing):
+    """The loss sum from per-token terms, (B*T,) each, nll 0 where ignored."""
     loss = nll.sum()
     if label_smoothing:  # torch's cross_entropy(label_smoothing=e): (1 - e) NLL + e * mean over V of -log p
         loss = (1 - label_smoothing) * loss - label_smoothing * smooth[valid].sum()
     if z_loss:  # t5x: z_loss * log(Z)^2 per target token
         loss = loss + z_loss * (log_z[valid] ** 2).sum()
-    correct = (valid & (-nll == best)).sum()
-    return loss, valid.sum(), correct
+    return loss, valid.sum(), (valid & correct).sum()
+
+
+def _terms_vocab_parallel(logits, labels, z_loss: float, label_smoothing: float):
+    """loss_terms over (B*T, V) logits split by vocabulary (tensor parallelism), written over
+    log-probabilities and maxima along the vocabulary only, so that no gather is needed: every
+    vocabulary reduction is a small all-reduce (DTensor `loss_parallel`). The per-token terms are
+    then plain (B*T,) tensors. Materialises fp32 logits and log-probabilities whole."""
+    logits = logits.float()
+    valid = labels != -100
+    logp = F.log_softmax(logits, -1)  # (B*T, V)
+    nll = parallel.local(F.nll_loss(logp, labels, ignore_index=-100, reduction="none"))  # 0 where ignored
+    best = parallel.local(logp.max(-1).values)  # the argmax's log-prob: log p(label) equals it iff correct
+    smooth = parallel.local(logp.mean(-1)) if label_smoothing else None
+    log_z = parallel.local(logits.max(-1).values) - best if z_loss else None  # logsumexp
+    return _combine(nll, smooth, log_z, valid, -nll == best, z_loss, label_smoothing)
+
+
+def _terms_chunked(logits, labels, z_loss: float, label_smoothing: float, rows: int | None = None):
+    """loss_terms over plain (B*T, V) logits, the same sums as `_terms_vocab_parallel` without
+    materialising fp32 logits or log-probabilities whole: `TokenStats` reads the logits (kept in
+    their own dtype, bf16 under autocast) `rows` at a time in fp32, forward and backward
+    (Liger-Kernel's chunked cross-entropy, without its fusion of the LM head)."""
+    valid = labels != -100
+    lse, picked, mean, top = TokenStats.apply(logits, labels.clamp(min=0), rows or _chunk_rows(logits.shape[-1]))
+    nll = torch.where(valid, lse - picked, 0.0)  # -log p(label), 0 where ignored
+    return _combine(nll, mean - lse, lse, valid, picked == top, z_loss, label_smoothing)
+
+
+def _chunk_rows(vocab: int) -> int:
+    """Rows per chunk: about 2**24 fp32 values (64 MiB) at a time."""
+    return max(1, 2 ** 24 // vocab)
+
+
+class TokenStats(torch.autograd.Function):
+    """(N, V) logits, (N,) labels in [0, V) -> four (N,) fp32 vectors: logsumexp, the label's
+    logit, the mean logit and the largest logit, computed `rows` rows at a time in fp32. With
+    p = softmax(x), their gradients are p, onehot(label), 1/V and none (the maximum only decides
+    correctness); backward recomputes p per chunk and writes one gradient in the logits' dtype."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, rows: int):
+        out = []
+        for x, y in zip(logits.split(rows), labels.split(rows)):
+            x = x.float()  # (rows, V)
+            out.append(torch.stack([torch.logsumexp(x, -1), x.gather(-1, y[:, None])[:, 0], x.mean(-1),
+                                    x.amax(-1)]))  # (4, rows)
+        lse, picked, mean, top = torch.cat(out, 1)  # 4 x (N,)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.rows = rows
+        ctx.mark_non_differentiable(top)
+        return lse, picked, mean, top
+
+    @staticmethod
+    def backward(ctx, g_lse, g_picked, g_mean, _):
+        logits, labels, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        v = logits.shape[-1]
+        for i in range(0, logits.shape[0], ctx.rows):
+            s = slice(i, i + ctx.rows)
+            g = torch.exp(logits[s].float() - lse[s, None]) * g_lse[s, None] + g_mean[s, None] / v  # (rows, V)
+            g.scatter_add_(-1, labels[s, None], g_picked[s, None])
+            grad[s] = g
+        return grad, None, None
 
 
 @torch.no_grad()
@@ -185,8 +265,14 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
     # group (whose replicated activations must stay equal)
     torch.manual_seed(tcfg.seed + layout.dp_rank)
     model.to(device).train()
-    net = parallel.apply(model, layout, tcfg.parallel, tcfg.bf16, tcfg.recompute)
+    if tcfg.bf16_params:
+        if layout.tp > 1:
+            raise ValueError("--bf16-params with --tensor-model-parallel-size > 1 is not supported; use --bf16")
+        model.to(torch.bfloat16)
+    net = parallel.apply(model, layout, tcfg.parallel, tcfg.bf16, tcfg.recompute, tcfg.compile)
     optimizer = build_optimizer(model, ocfg)
+    if tcfg.bf16_params:
+        fp32_masters(optimizer)
     ckpt_dir = os.path.join(tcfg.out, "checkpoints")
     step, trainer = 0, {"best": None, "best_step": None, "bad_evals": 0}
     main = parallel.is_main()
@@ -207,15 +293,19 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
     started = time.monotonic()
     bar = tqdm(total=tcfg.steps, initial=step, disable=not (progress and main), desc="train", unit="step")
     row: dict = {}
-    t_last, tokens_since = time.perf_counter(), 0
+    t_last, tokens_since, start, first_step_s = time.perf_counter(), 0, step, None
     while step < tcfg.steps:
         lr = lr_at(step, ocfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro = [_tensors(next(batches), device) for _ in range(tcfg.accumulation)]
-        local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+        arrays = [next(batches) for _ in range(tcfg.accumulation)]
+        # counted on the host, before the copy: no device sync
+        local_tokens = sum(int((np.asarray(b["labels"]) != -100).sum()) for b in arrays)
         (n_tokens,) = parallel.sum_all(local_tokens)  # target tokens in the whole global batch
-        total = 0.0
+        micro = [_tensors(b, device) for b in arrays]
+        # the loss sum stays on the device until a row is logged (float64, as the Python sum of
+        # per-micro-batch values it replaces)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for i, b in enumerate(micro):
             with parallel.sync_gradients(net, i == len(micro) - 1), _autocast(device, tcfg.bf16), \
                     parallel.vocab_parallel():
@@ -223,18 +313,20 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
                 # DDP / FSDP average gradients over data-parallel ranks: scaling by their number
                 # makes it the global token sum
                 (loss * tcfg.data_parallel / n_tokens).backward()
-            total += loss.item()
-        (total,) = parallel.sum_all(total)
+            total += loss.detach()
         grad_norm = parallel.clip_grad_norm([p for p in model.parameters() if p.requires_grad],
                                             tcfg.clip_grad or math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_since += sum(b["input_ids"].numel() + b["labels"].numel() for b in micro)
-        row = {"step": step, "loss": total / n_tokens, "lr": lr, "grad_norm": grad_norm}
+        if step == start + 1:  # compilation happens here under --compile: its cost, reported once
+            first_step_s = _synced_seconds(device, t_last)
+        row = {"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm}
         stop = False
         if evaluator is not None and tcfg.eval_interval and (step % tcfg.eval_interval == 0 or step == tcfg.steps):
-            row.update(evaluator(model))
+            with torch.compiler.set_stance("force_eager"):  # compiled for the training step, not for evaluation
+                row.update(evaluator(model))
             if tcfg.monitor not in row:
                 raise ValueError(f"monitored metric {tcfg.monitor!r} is not among the evaluation's keys "
                                  f"{sorted(k for k in row if k.startswith('eval_'))}")
@@ -254,6 +346,11 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
         if leave:
             row["exit"] = leave
         if step % tcfg.log_interval == 0 or step == tcfg.steps or "eval_loss" in row or stop or leave:
+            # the one host sync of a step, on logged steps only
+            (loss_sum,) = parallel.sum_all(row["loss"].item())
+            row.update(loss=loss_sum / n_tokens, grad_norm=row["grad_norm"].item())
+            if first_step_s is not None:
+                row["first_step_s"], first_step_s = first_step_s, None
             now = time.perf_counter()
             row["tokens_per_s"] = tokens_since / (now - t_last) * tcfg.data_parallel
             t_last, tokens_since = now, 0
@@ -273,6 +370,13 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
     if not row.get("exit"):
         export(model, tokenizer, os.path.join(tcfg.out, "final"), {"step": step})
     return {**row, "best_step": trainer["best_step"], "best": trainer["best"]}
+
+
+def _synced_seconds(device, since: float) -> float:
+    """Seconds since `since` (perf_counter), the device's queued work included."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - since
 
 
 def _exit_reason(tcfg: TrainConfig, step: int, started: float) -> str | None:
