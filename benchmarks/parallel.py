@@ -55,9 +55,9 @@ def worker(args) -> None:
     how, tp = LAYOUTS[args.layout]
     layout = parallel.init(args.device, tp)
     cfg = get_preset(args.shape).replace(dropout_rate=0.0)
+    with torch.device("meta"):  # as `t5kit pretrain` builds it: initialised shard by shard by apply
+        model = T5(cfg)
     torch.manual_seed(0)
-    model = T5(cfg).to(layout.device)
-    model.init_weights()
     net = parallel.apply(model, layout, how, args.bf16, args.recompute)
     opt = build_optimizer(model, OptimConfig())
     gen = torch.Generator().manual_seed(layout.dp_rank)

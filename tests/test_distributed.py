@@ -167,3 +167,21 @@ def test_finetune_under_fsdp_equals_one_process_with_generation_metric(tasks, tm
             assert y["eval_exact_match"] == x["eval_exact_match"] and y["eval_loss"] == pytest.approx(x["eval_loss"])
     assert sum("eval_exact_match" in r for r in b) == 2
     assert (two / "best" / "model.safetensors").exists()
+
+
+def test_model_built_on_meta_device_initialises_as_init_weights():
+    """parallel.apply materialises a meta-device model one full tensor at a time, drawing exactly
+    what T5.init_weights draws from the same seed (what keeps pretraining from scratch exact)."""
+    from t5kit import parallel
+    from t5kit.config import get_preset
+    from t5kit.model import T5
+    cfg = get_preset("tiny").replace(vocab_size=256)
+    whole = T5(cfg)
+    torch.manual_seed(5)
+    whole.init_weights()
+    with torch.device("meta"):
+        lazy = T5(cfg)
+    torch.manual_seed(5)
+    parallel.apply(lazy, parallel.Layout(), recompute=True)
+    got = lazy.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in whole.state_dict().items()) and got.keys() == whole.state_dict().keys()

@@ -288,9 +288,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         shape = {MEGATRON_MODEL[k]: getattr(cfg, k) for k in MEGATRON_MODEL if getattr(cfg, k) is not None}
         if "num_layers" in shape and "num_decoder_layers" not in shape:
             shape["num_decoder_layers"] = shape["num_layers"]
-        model = T5(base.replace(vocab_size=-(-len(tok) // 128) * 128, dropout_rate=0.0, **shape))
-        torch.manual_seed(cfg.seed)
-        model.init_weights()
+        with torch.device("meta"):  # initialised by train() once parallelised: never whole on one rank
+            model = T5(base.replace(vocab_size=-(-len(tok) // 128) * 128, dropout_rate=0.0, **shape))
     model_cfg = model.config
     tok.check_model_vocab(model_cfg.vocab_size, "model")
     # the last ~2% of segments (by corpus position) are held out for eval, disjoint from training

@@ -427,24 +427,29 @@ class T5(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Mesh TF / t5x initialisation for training from scratch (HF T5PreTrainedModel._init_weights
-        agrees): embedding std 1; q (C*D)^-0.5; k, v C^-0.5; o (H*D)^-0.5; wi C^-0.5; wo F^-0.5;
-        relative bias C^-0.5; norms 1. Untied lm_head: C^-0.5, t5x's variance-scaling fan-in init of
-        `logits_dense` (HF and nanoT5 use 1.0; see t5x#1477, HF PR #26441)."""
-        c = self.config
-        std = {"q": (c.d_model * c.d_kv) ** -0.5, "k": c.d_model ** -0.5, "v": c.d_model ** -0.5,
-               "o": c.inner_dim ** -0.5, "wi": c.d_model ** -0.5, "wi_0": c.d_model ** -0.5,
-               "wi_1": c.d_model ** -0.5, "wo": c.d_ff ** -0.5}
+        """Mesh TF / t5x initialisation for training from scratch, every parameter in
+        `named_parameters` order (see `init_parameter`)."""
         for name, p in self.named_parameters():
-            leaf = name.split(".")[-2]
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name == "shared.weight":
-                p.normal_(0.0, 1.0, generator=generator)
-            elif name == "lm_head.weight" or leaf == "rel_bias":
-                p.normal_(0.0, c.d_model ** -0.5, generator=generator)
-            else:
-                p.normal_(0.0, std[leaf], generator=generator)
+            self.init_parameter(name, p, generator)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: Tensor, generator: torch.Generator | None = None) -> None:
+        """Fill parameter `name` (or a whole-shaped tensor standing for it: a sharded model is
+        initialised one full tensor at a time, parallel.materialize) as Mesh TF / t5x do (HF
+        T5PreTrainedModel._init_weights agrees): embedding std 1; q (C*D)^-0.5; k, v C^-0.5;
+        o (H*D)^-0.5; wi C^-0.5; wo F^-0.5; relative bias C^-0.5; norms 1. Untied lm_head: C^-0.5,
+        t5x's variance-scaling fan-in init of `logits_dense` (HF and nanoT5 use 1.0; see t5x#1477,
+        HF PR #26441)."""
+        c = self.config
+        leaf = name.split(".")[-2]
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+            return
+        std = {"shared": 1.0, "lm_head": c.d_model ** -0.5, "rel_bias": c.d_model ** -0.5,
+               "q": (c.d_model * c.d_kv) ** -0.5, "k": c.d_model ** -0.5, "v": c.d_model ** -0.5,
+               "o": c.inner_dim ** -0.5, "wi": c.d_model ** -0.5, "wi_0": c.d_model ** -0.5,
+               "wi_1": c.d_model ** -0.5, "wo": c.d_ff ** -0.5}[leaf]
+        p.normal_(0.0, std, generator=generator)
 
 
 class T5Encoder(nn.Module):

@@ -88,19 +88,20 @@ def apply(model: nn.Module, layout: Layout, how: str = "ddp", bf16: bool = False
           recompute: bool = False, compile: str = "none") -> nn.Module:
     """Parallelise a built model in place; -> the module to call for training (a DDP wrapper, or
     the model itself). The model keeps its parameter names, so checkpoints and exports see the
-    same keys whatever the layout."""
+    same keys whatever the layout. A model built on the meta device is materialised once split
+    and sharded, before DDP (which broadcasts real weights), from the current RNG state."""
     check(model, layout, how, compile)
+    on_meta = any(p.is_meta for p in model.parameters())
     if layout.tp > 1:
         tensor_parallel(model, layout.mesh["tp"])
     if recompute:
         recompute_blocks(model)
     compile_model(model, compile)
-    if layout.world == 1:
-        return model
-    if how == "fsdp":  # on a (1, tp) mesh too: the same 2-D parameters as at any data-parallel size
+    if how == "fsdp" and layout.world > 1:  # on a (1, tp) mesh too: the same 2-D parameters as at any dp size
         fully_shard_model(model, layout.mesh["dp"], bf16)
-        return model
-    if layout.dp == 1:
+    if on_meta:
+        materialize(model, layout.device)
+    if how == "fsdp" or layout.dp == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
     dev = torch.device(layout.device)
@@ -147,6 +148,25 @@ def _shard_bias_by_head(module: nn.Module, mesh) -> None:
         return tuple(DTensor.from_local(a, mesh, [Replicate()], run_check=False) for a in args)
 
     distribute_module(module, mesh, partition, input_fn=inputs, output_fn=lambda mod, out, mesh: out.to_local())
+
+
+def materialize(model: nn.Module, device: str) -> None:
+    """Real storage for a model built on the meta device and parallelised, initialised exactly as
+    the whole model is by `model.init_weights()` from the same RNG state: for each parameter in
+    order, a full tensor is drawn on the CPU (`model.init_parameter`) and this rank's shard copied
+    from it. No rank ever holds more than one full tensor beside its shards (DESIGN principle 3:
+    a model too big for one device is built on the meta device)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            full = torch.empty(p.shape)  # drawn in fp32 as init_weights does, then cast by the copy
+            model.init_parameter(name.replace("_checkpoint_wrapped_module.", ""), full)
+            if isinstance(p, DTensor):  # every rank drew the same tensor: take the shard, no communication
+                p.to_local().copy_(distribute_tensor(full.to(device), p.device_mesh, p.placements,
+                                                     src_data_rank=None).to_local())
+            else:
+                p.copy_(full)
 
 
 def recompute_blocks(model: nn.Module) -> None:

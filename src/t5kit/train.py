@@ -261,15 +261,18 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
 
     device = layout.device
     os.makedirs(tcfg.out, exist_ok=True)
-    # dropout masks: reproducible, distinct per data-parallel rank, equal within a tensor-parallel
-    # group (whose replicated activations must stay equal)
-    torch.manual_seed(tcfg.seed + layout.dp_rank)
-    model.to(device).train()
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(device)
+    model.train()
     if tcfg.bf16_params:
         if layout.tp > 1:
             raise ValueError("--bf16-params with --tensor-model-parallel-size > 1 is not supported; use --bf16")
         model.to(torch.bfloat16)
+    torch.manual_seed(tcfg.seed)  # a model built on the meta device is initialised by apply, from this seed
     net = parallel.apply(model, layout, tcfg.parallel, tcfg.bf16, tcfg.recompute, tcfg.compile)
+    # dropout masks: reproducible, distinct per data-parallel rank, equal within a tensor-parallel
+    # group (whose replicated activations must stay equal)
+    torch.manual_seed(tcfg.seed + layout.dp_rank)
     optimizer = build_optimizer(model, ocfg)
     if tcfg.bf16_params:
         fp32_masters(optimizer)
