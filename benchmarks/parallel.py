@@ -5,6 +5,8 @@ t5kit's own loop pieces (parallel.apply, loss_terms, AdamW) and reports, per ran
 
 - state_mib: what the rank holds between steps, counted from the tensors themselves: its shard
   of the parameters, of the gradients and of the AdamW moments (exact, device-independent);
+- saved_activation_mib: the bytes autograd keeps for backward in one forward (saved-tensor hooks,
+  parameters excluded): activations, exact, the same on any device for the same dtype;
 - peak_rss_mib / base_rss_mib: the process' peak resident memory and its resident memory before
   the model was built (CPU: the difference is what training added, activations included);
 - peak_gpu_mib: torch.cuda.max_memory_allocated (CUDA only);
@@ -19,6 +21,7 @@ One JSON line per (shape, layout).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -55,6 +58,8 @@ def worker(args) -> None:
     how, tp = LAYOUTS[args.layout]
     layout = parallel.init(args.device, tp)
     cfg = get_preset(args.shape).replace(dropout_rate=0.0)
+    if args.layers is not None:  # fewer blocks of the same shape: per-block figures of models too big to run here
+        cfg = cfg.replace(num_layers=args.layers, num_decoder_layers=args.layers)
     with torch.device("meta"):  # as `t5kit pretrain` builds it: initialised shard by shard by apply
         model = T5(cfg)
     torch.manual_seed(0)
@@ -65,11 +70,19 @@ def worker(args) -> None:
     labels = torch.randint(3, cfg.vocab_size, (args.micro_batch, args.targets), generator=gen)
     dec = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], 1)
     batch = {k: v.to(layout.device) for k, v in {"input_ids": ids, "decoder_input_ids": dec, "labels": labels}.items()}
-    times = []
+    times, saved = [], {}
+
+    def keep(t):  # the tensors autograd keeps for backward, parameters left out, each storage once
+        if not (t.is_leaf and t.requires_grad):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
     for i in range(args.steps):
         t = time.perf_counter()
+        counting = torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x) if i == 0 else contextlib.nullcontext()
         with _autocast(layout.device, args.bf16), parallel.vocab_parallel():
-            loss, n, _ = loss_terms(net, batch)
+            with counting:
+                loss, n, _ = loss_terms(net, batch)
             (loss / n).backward()
         parallel.clip_grad_norm(list(model.parameters()), 1.0)
         opt.step()
@@ -83,6 +96,7 @@ def worker(args) -> None:
     row = {"rank": layout.rank, "base_rss_mib": round(base, 1), "peak_rss_mib": round(_rss_mib(), 1),
            "state_mib": round((_local_bytes(params) + _local_bytes(p.grad for p in params)
                                + _local_bytes(moments)) / 2**20, 1),
+           "saved_activation_mib": round(sum(saved.values()) / 2**20, 1),
            "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
            "tokens": args.micro_batch * (args.inputs + args.targets) * layout.dp}
     if layout.device.startswith("cuda"):
@@ -106,6 +120,7 @@ def main() -> None:
     ap.add_argument("--inputs", type=int, default=128)
     ap.add_argument("--targets", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--layers", type=int, help="encoder and decoder blocks (default: the shape's)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
@@ -116,6 +131,7 @@ def main() -> None:
         return worker(args)
     common = ["--device", args.device, "--micro-batch", str(args.micro_batch), "--inputs", str(args.inputs),
               "--targets", str(args.targets), "--steps", str(args.steps), "--threads", str(args.threads),
+              *(["--layers", str(args.layers)] if args.layers is not None else []),
               *(["--bf16"] if args.bf16 else []), *(["--recompute"] if args.recompute else [])]
     for shape in args.shapes:
         for layout in args.layouts:
@@ -133,11 +149,15 @@ def main() -> None:
                 rows = json.load(open(out))
             from t5kit.config import get_preset
             step = max(r["step_s"] for r in rows)
+            cfg = get_preset(shape)
+            if args.layers is not None:
+                cfg = cfg.replace(num_layers=args.layers, num_decoder_layers=args.layers)
             print(json.dumps({
-                "bench": "parallel", "shape": shape, "params_m": round(get_preset(shape).num_params() / 1e6, 1),
+                "bench": "parallel", "shape": shape, "layers": cfg.num_layers, "params_m": round(cfg.num_params() / 1e6, 1),
                 "layout": layout, "ranks": ranks, "device": args.device, "bf16": args.bf16,
                 "recompute": args.recompute, "micro_batch": args.micro_batch, "inputs": args.inputs,
                 "targets": args.targets, "state_mib_per_rank": [r["state_mib"] for r in rows],
+                "saved_activation_mib_per_rank": [r["saved_activation_mib"] for r in rows],
                 "peak_rss_mib_per_rank": [r["peak_rss_mib"] for r in rows],
                 "base_rss_mib_per_rank": [r["base_rss_mib"] for r in rows],
                 **({"peak_gpu_mib_per_rank": [r["peak_gpu_mib"] for r in rows]} if "peak_gpu_mib" in rows[0] else {}),

@@ -17,7 +17,7 @@ from t5kit.cli import main
 
 LAYOUTS = {  # name -> (flags, micro batch): global batch 8 in every case
     "ddp": (["--parallel", "ddp"], 4),
-    "fsdp": (["--parallel", "fsdp"], 4),
+    "fsdp": (["--parallel", "fsdp"], 2),  # 2 micro-batches per rank: reduce-scattered each
     "tp2": (["--tensor-model-parallel-size", "2"], 8),
     "fsdp_tp2": (["--parallel", "fsdp", "--tensor-model-parallel-size", "2", "--recompute-activations"], 8),
 }
