@@ -203,7 +203,8 @@ class TokenStats(torch.autograd.Function):
         v = logits.shape[-1]
         for i in range(0, logits.shape[0], ctx.rows):
             s = slice(i, i + ctx.rows)
-            g = torch.exp(logits[s].float() - lse[s, None]) * g_lse[s, None] + g_mean[s, None] / v  # (rows, V)
+            # one fp32 (rows, V) buffer, updated in place: each extra temporary is a pass over memory
+            g = torch.sub(logits[s].float(), lse[s, None]).exp_().mul_(g_lse[s, None]).add_(g_mean[s, None] / v)
             g.scatter_add_(-1, labels[s, None], g_picked[s, None])
             grad[s] = g
         return grad, None, None
