@@ -88,8 +88,9 @@ def apply(model: nn.Module, layout: Layout, how: str = "ddp", bf16: bool = False
           recompute: bool = False, compile: str = "none") -> nn.Module:
     """Parallelise a built model in place; -> the module to call for training (a DDP wrapper, or
     the model itself). The model keeps its parameter names, so checkpoints and exports see the
-    same keys whatever the layout. A model built on the meta device is materialised once split
-    and sharded, before DDP (which broadcasts real weights), from the current RNG state."""
+    same keys whatever the layout. The model may be on the CPU (an HF checkpoint, memory-mapped)
+    or on the meta device (materialised once split and sharded, from the current RNG state); it is
+    moved to the layout's device here, after sharding, and before DDP broadcasts its weights."""
     check(model, layout, how, compile)
     on_meta = any(p.is_meta for p in model.parameters())
     if layout.tp > 1:
@@ -101,6 +102,8 @@ def apply(model: nn.Module, layout: Layout, how: str = "ddp", bf16: bool = False
         fully_shard_model(model, layout.mesh["dp"], bf16)
     if on_meta:
         materialize(model, layout.device)
+    else:  # FSDP moved each unit as it sharded it: one unit's whole weights on the device at a time
+        model.to(layout.device)
     if how == "fsdp" or layout.dp == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel

@@ -262,9 +262,7 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
 
     device = layout.device
     os.makedirs(tcfg.out, exist_ok=True)
-    if not any(p.is_meta for p in model.parameters()):
-        model.to(device)
-    model.train()
+    model.train()  # moved to the device by parallel.apply, after sharding
     if tcfg.bf16_params:
         if layout.tp > 1:
             raise ValueError("--bf16-params with --tensor-model-parallel-size > 1 is not supported; use --bf16")
