@@ -310,6 +310,14 @@ def sum_all(*values: float) -> list[float]:
     return t.tolist()
 
 
+def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the data-parallel ranks in place, on its device: no host read (NCCL takes
+    device tensors, gloo CPU ones)."""
+    if active():
+        dist.all_reduce(t, group=_dp_group)
+    return t
+
+
 def gather(obj, data_parallel: bool = True) -> list:
     """Every data-parallel rank's `obj` in rank order (all ranks' with data_parallel=False), on
     every rank."""

@@ -117,11 +117,15 @@ def freeze(model: torch.nn.Module, parts) -> int:
 
 
 def _tensors(batch: dict, device) -> dict:
-    """Arrays -> tensors on `device`. To CUDA through pinned memory without blocking: a copy
+    return {k: _to_device(v, device) for k, v in batch.items()}
+
+
+def _to_device(array, device) -> torch.Tensor:
+    """An array as a tensor on `device`. To CUDA through pinned memory without blocking: a copy
     from pageable memory waits for the device to finish its queue (a host sync per step)."""
     if torch.device(device).type != "cuda":
-        return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
-    return {k: torch.as_tensor(v).pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return torch.as_tensor(array, device=device)
+    return torch.as_tensor(array).pin_memory().to(device, non_blocking=True)
 
 
 def loss_terms(model, batch: dict, z_loss: float = 0.0,
@@ -303,7 +307,9 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
         arrays = [next(batches) for _ in range(tcfg.accumulation)]
         # counted on the host, before the copy: no device sync
         local_tokens = sum(int((np.asarray(b["labels"]) != -100).sum()) for b in arrays)
-        (n_tokens,) = parallel.sum_all(local_tokens)  # target tokens in the whole global batch
+        # target tokens in the whole global batch, summed on the device: read only when logging
+        n_tokens = parallel.reduce_sum(_to_device(np.float64(local_tokens), device))
+        scale = tcfg.data_parallel / n_tokens.float()  # fp32, as the loss
         micro = [_tensors(b, device) for b in arrays]
         # the loss sum stays on the device until a row is logged (float64, as the Python sum of
         # per-micro-batch values it replaces)
@@ -314,7 +320,7 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
                 loss, _, _ = loss_terms(net, b, tcfg.z_loss, tcfg.label_smoothing)
                 # DDP / FSDP average gradients over data-parallel ranks: scaling by their number
                 # makes it the global token sum
-                (loss * tcfg.data_parallel / n_tokens).backward()
+                (loss * scale).backward()
             total += loss.detach()
         grad_norm = parallel.clip_grad_norm([p for p in model.parameters() if p.requires_grad],
                                             tcfg.clip_grad or math.inf)
@@ -350,7 +356,7 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
         if step % tcfg.log_interval == 0 or step == tcfg.steps or "eval_loss" in row or stop or leave:
             # the one host sync of a step, on logged steps only
             (loss_sum,) = parallel.sum_all(row["loss"].item())
-            row.update(loss=loss_sum / n_tokens, grad_norm=row["grad_norm"].item())
+            row.update(loss=loss_sum / n_tokens.item(), grad_norm=row["grad_norm"].item())
             if first_step_s is not None:
                 row["first_step_s"], first_step_s = first_step_s, None
             now = time.perf_counter()
