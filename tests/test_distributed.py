@@ -20,6 +20,7 @@ LAYOUTS = {  # name -> (flags, micro batch): global batch 8 in every case
     "fsdp": (["--parallel", "fsdp"], 2),  # 2 micro-batches per rank: reduce-scattered each
     "tp2": (["--tensor-model-parallel-size", "2"], 8),
     "fsdp_tp2": (["--parallel", "fsdp", "--tensor-model-parallel-size", "2", "--recompute-activations"], 8),
+    "fsdp_compiled": (["--parallel", "fsdp", "--compile", "block"], 4),  # blocks compiled, then sharded
 }
 COMMON = ["--drop-remainders"]  # one example per row: every layout sees the same examples per step
 
