@@ -4,7 +4,8 @@ A run is `world` processes on a 2-D device mesh (data x tensor), `dp` x `tp`. Ra
 group hold the same batch and a share of every layer (Megatron's layout); data-parallel ranks hold
 different batches and either whole replicas (DDP) or a shard of every parameter (FSDP2). Order of
 application follows torchtitan's `parallelize.py`: tensor parallelism, then activation
-checkpointing, then torch.compile, then FSDP / DDP. Every helper degrades to the identity in a single process.
+checkpointing, then torch.compile, then FSDP / DDP. Every helper degrades to the identity in a
+single process.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ COMPILE = ("none", "block", "model")
 # gathering. None when not distributed; the whole world when tp == 1.
 _dp_group = None
 _tp_active = False  # tensor parallelism in this run: losses run under `vocab_parallel`
+# The attribute under which checkpoint_wrapper holds a block (--recompute-activations); it also
+# prefixes the wrapped parameters' names.
+_WRAPPED = "_checkpoint_wrapped_module"
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ def check(model: nn.Module, layout: Layout, how: str, compile: str = "none") -> 
     """Refuse layouts the model or the chosen data parallelism cannot take (same on every rank)."""
     if how not in PARALLEL:
         raise ValueError(f"--parallel {how!r}: expected one of {', '.join(PARALLEL)}")
+    if compile not in COMPILE:
+        raise ValueError(f"--compile {compile!r}: expected one of {', '.join(COMPILE)}")
     if how == "fsdp" and layout.world > 1 and compile == "model":
         raise ValueError("--compile model with --parallel fsdp: FSDP2's hooks would sit inside one whole-model "
                          "graph; use --compile block (each block compiled, then sharded, as torchtitan does)")
@@ -164,7 +170,7 @@ def materialize(model: nn.Module, device: str) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             full = torch.empty(p.shape)  # drawn in fp32 as init_weights does, then cast by the copy
-            model.init_parameter(name.replace("_checkpoint_wrapped_module.", ""), full)
+            model.init_parameter(name.replace(_WRAPPED + ".", ""), full)
             if isinstance(p, DTensor):  # every rank drew the same tensor: take the shard, no communication
                 p.to_local().copy_(distribute_tensor(full.to(device), p.device_mesh, p.placements,
                                                      src_data_rank=None).to_local())
@@ -190,8 +196,6 @@ def compile_model(model: nn.Module, how: str) -> None:
     (torchtitan's per-block compile); RMSNorm, the gated GELU and the residual adds fuse into the
     matmuls' neighbours. model: the whole forward, embedding to logits, one graph. Compilation
     happens at the first call (the loop reports that step's time)."""
-    if how not in COMPILE:
-        raise ValueError(f"--compile {how!r}: expected one of {', '.join(COMPILE)}")
     if how == "model":
         model.compile()
     elif how == "block":
@@ -210,7 +214,7 @@ def fully_shard_model(model: nn.Module, mesh, bf16: bool) -> None:
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for stack in (model.encoder, model.decoder):
         for blk in stack.blocks:
-            blk = getattr(blk, "_checkpoint_wrapped_module", blk)  # under --recompute-activations
+            blk = getattr(blk, _WRAPPED, blk)  # under --recompute-activations
             fully_shard([m for name, m in blk.named_children() if name != "rel_bias"], mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
@@ -245,9 +249,10 @@ def sync_gradients(module: nn.Module, sync: bool):
 
 def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
     """The global gradient norm over every parameter, whatever its sharding, clipped to max_norm
-    (inf: measure only); -> a 0-d tensor on the device (reading it is a host sync, left to logging). Gradients are grouped by mesh and placement: a group of DTensors gives a
-    partial norm that `full_tensor()` completes (torchtitan `clip_grad_norm_`); replicated plain
-    tensors count once."""
+    (inf: measure only); -> a 0-d tensor on the device (reading it is a host sync, left to
+    logging). Gradients are grouped by mesh and placement: a group of DTensors gives a partial
+    norm that `full_tensor()` completes (torchtitan `clip_grad_norm_`); replicated plain tensors
+    count once."""
     from torch.distributed.tensor import DTensor
     groups: dict = {}
     for p in params:
