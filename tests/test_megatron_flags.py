@@ -47,3 +47,10 @@ def test_finetune_loads_weights_only(corpus, tmp_path):  # noqa: F811
 def test_load_flags_without_load_are_an_error(corpus, tmp_path, capsys):  # noqa: F811
     assert main(_pretrain_args(corpus, tmp_path / "x", 2, ["--finetune"])) == 2
     assert "apply to --load DIR" in capsys.readouterr().err
+
+
+def test_load_of_a_file_is_refused_not_taken_for_a_fresh_start(corpus, tmp_path, capsys):  # noqa: F811
+    old = tmp_path / "step_00000004.pt"  # the single-file format of earlier versions
+    old.write_bytes(b"not a checkpoint directory")
+    assert main(_pretrain_args(corpus, tmp_path / "x", 2, ["--load", str(old)])) == 2
+    assert f"{old}: not a t5kit checkpoint (no extra.pt)" in capsys.readouterr().err

@@ -98,8 +98,8 @@ def latest(where: str) -> str | None:
     """Megatron's `--load DIR`: DIR is the `--save` directory of a run (its checkpoints live in
     DIR/checkpoints), a checkpoints folder itself, or one step_* checkpoint. -> the newest
     checkpoint, or None when there is none yet (a first run of a restartable job starts fresh)."""
-    if os.path.isfile(os.path.join(where, EXTRA)):
-        return where
+    if os.path.isfile(where) or os.path.isfile(os.path.join(where, EXTRA)):
+        return where  # one checkpoint; a file (an old step_*.pt) is refused by `load`, not taken for "none yet"
     found = list_checkpoints(os.path.join(where, "checkpoints")) or list_checkpoints(where)
     return found[-1] if found else None
 
@@ -107,7 +107,7 @@ def latest(where: str) -> str | None:
 def read_extra(path: str) -> dict:
     try:
         return torch.load(os.path.join(path, EXTRA), map_location="cpu", weights_only=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"{path}: not a t5kit checkpoint (no {EXTRA}); expected a step_* directory "
                                 f"written by t5kit pretrain / finetune") from None
 
