@@ -63,7 +63,7 @@ def build(shape: str, folder: str, device: str, dtype: torch.dtype):
     import transformers
 
     import t5kit
-    from t5kit.quantize import for_inference
+    from t5kit.inference.cpu import for_inference
     cfg = t5kit.get_preset(shape)
     torch.manual_seed(0)
     hf_cls = transformers.T5Config if cfg.model_type == "t5" else transformers.MT5Config
@@ -210,7 +210,7 @@ def main() -> None:
             for case in cases:
                 quant = CASES[case][2]
                 if quant and int8 is None:
-                    from t5kit.quantize import for_inference
+                    from t5kit.inference.cpu import for_inference
                     int8 = for_inference(t5kit.T5.from_pretrained(folder), "int8")
                 ct2 = None if args.no_ctranslate2 or not HAS_CT2 else CTranslate2(
                     folder, "int8" if quant else CT2_TYPES[args.dtype], args.device, args.threads)

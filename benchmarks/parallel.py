@@ -47,11 +47,11 @@ def worker(args) -> None:
     """One rank of one case (run under torchrun, or alone for `single`)."""
     import torch
 
-    from t5kit import parallel
-    from t5kit.config import get_preset
-    from t5kit.model import T5
-    from t5kit.optim import OptimConfig, build_optimizer
-    from t5kit.train import _autocast, loss_terms
+    from t5kit.model.config import get_preset
+    from t5kit.model.t5 import T5
+    from t5kit.training import parallel
+    from t5kit.training.loop import _autocast, loss_terms
+    from t5kit.training.optim import OptimConfig, build_optimizer
 
     torch.set_num_threads(args.threads)
     base = _rss_mib()
@@ -147,7 +147,7 @@ def main() -> None:
                                       "error": res.stderr[-2000:]}), flush=True)
                     continue
                 rows = json.load(open(out))
-            from t5kit.config import get_preset
+            from t5kit.model.config import get_preset
             step = max(r["step_s"] for r in rows)
             cfg = get_preset(shape)
             if args.layers is not None:

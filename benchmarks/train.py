@@ -56,7 +56,7 @@ def main() -> None:
     import transformers
 
     import t5kit
-    from t5kit.train import loss_terms
+    from t5kit.training.loop import loss_terms
 
     for shape in args.shapes:
         cfg = t5kit.get_preset(shape).replace(dropout_rate=0.0)
@@ -118,9 +118,9 @@ def cuda_rows(args) -> None:
     import transformers
 
     import t5kit
-    from t5kit import parallel
-    from t5kit.optim import OptimConfig, build_optimizer, fp32_masters
-    from t5kit.train import loss_terms
+    from t5kit.training import parallel
+    from t5kit.training.loop import loss_terms
+    from t5kit.training.optim import OptimConfig, build_optimizer, fp32_masters
 
     batch, steps = args.batch or 64, args.steps or 20
     gen = torch.Generator().manual_seed(0)

@@ -128,7 +128,7 @@ def copy_model_dir(tmp_path_factory):
     """A tiny ByT5-vocab T5 trained here to copy words, so it emits EOS at varying lengths: beam
     search, stopping and cache bugs show up (random-init models just repeat one token)."""
     import t5kit
-    from t5kit.tokenizer import Tokenizer
+    from t5kit.data.tokenizer import Tokenizer
     torch.manual_seed(0)
     tok = Tokenizer.byt5()
     cfg = t5kit.get_preset("tiny").replace(vocab_size=384, dropout_rate=0.0, d_model=64, d_ff=128, num_layers=2,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import t5kit
-from t5kit.attention import FlexBias, Keep, attend, backend, use_flex
+from t5kit.model.attention import FlexBias, Keep, attend, backend, use_flex
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -74,7 +74,7 @@ def test_model_picks_the_path(monkeypatch):
     model = tiny()
     x = torch.randn(2, 5, 64)
     seen = []
-    import t5kit.model as m
+    import t5kit.model.t5 as m
     monkeypatch.setattr(m, "attend", lambda q, k, v, bias, p: seen.append(type(bias).__name__) or q)
     with backend("flex"):
         with torch.no_grad():

@@ -84,7 +84,7 @@ def test_unknown_dtype(ckpt):
 def test_missing_shard(ckpt, tmp_path):
     model = t5kit.T5.from_pretrained(ckpt)
     out = tmp_path / "sharded"
-    t5kit.hf.save_pretrained(model, out, max_shard_bytes=20_000)
+    t5kit.model.hf.save_pretrained(model, out, max_shard_bytes=20_000)
     os.remove(out / "model-00002-of-{:05d}.safetensors".format(len(list(out.glob("model-*")))))
     with pytest.raises(FileNotFoundError, match="model-00002-of-.*missing"):
         t5kit.T5.from_pretrained(out)

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-
-from test_finetune import _ft_args, _rows as _ft_rows, tasks  # noqa: F401  (fixture)
+from test_finetune import _ft_args, tasks  # noqa: F401  (fixture)
+from test_finetune import _rows as _ft_rows
 from test_pretrain import _losses, _pretrain_args, corpus  # noqa: F401  (fixture)
 
 from t5kit.cli import main
@@ -92,9 +92,9 @@ def test_tensor_parallel_logits_equal_one_process(tmp_path):
 
 TP_LOGITS = r'''
 import json, sys, torch
-from t5kit import parallel
-from t5kit.config import get_preset
-from t5kit.model import T5
+from t5kit.training import parallel
+from t5kit.model.config import get_preset
+from t5kit.model.t5 import T5
 out, tied = sys.argv[1], sys.argv[2] == "1"
 layout = parallel.init("cpu", 2)
 cfg = get_preset("tiny").replace(vocab_size=256, dropout_rate=0.0)
@@ -173,9 +173,9 @@ def test_finetune_under_fsdp_equals_one_process_with_generation_metric(tasks, tm
 def test_model_built_on_meta_device_initialises_as_init_weights():
     """parallel.apply materialises a meta-device model one full tensor at a time, drawing exactly
     what T5.init_weights draws from the same seed (what keeps pretraining from scratch exact)."""
-    from t5kit import parallel
-    from t5kit.config import get_preset
-    from t5kit.model import T5
+    from t5kit.model.config import get_preset
+    from t5kit.model.t5 import T5
+    from t5kit.training import parallel
     cfg = get_preset("tiny").replace(vocab_size=256)
     whole = T5(cfg)
     torch.manual_seed(5)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import t5kit
 from t5kit.cli import build_parser, main
-from t5kit.tokenizer import Tokenizer
+from t5kit.data.tokenizer import Tokenizer
 
 pytest.importorskip("transformers")
 

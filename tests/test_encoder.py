@@ -11,7 +11,7 @@ import torch
 from conftest import ENCODER_MODELS, VARIANTS, padded_batch
 
 import t5kit
-from t5kit import hf
+from t5kit.model import hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,10 +7,10 @@ from conftest import load_hf, padded_batch
 from test_generate import _copy_inputs, _hf_generate, _same
 
 import t5kit
-from t5kit import engine
-from t5kit.beam import beam_search
-from t5kit.generation import GenerationConfig
-from t5kit.quantize import pack_linears
+from t5kit.inference import engine
+from t5kit.inference.beam import beam_search
+from t5kit.inference.cpu import pack_linears
+from t5kit.inference.generation import GenerationConfig
 
 
 def _walk(model, ids, mask, mode, steps=12, drop_at=5):
@@ -73,7 +73,7 @@ def test_beam_stop_test_every_k_steps_changes_nothing(copy_model_dir, early_stop
 @pytest.mark.hf
 @pytest.mark.parametrize("name", ["t5-v1_0", "t5-v1_1", "umt5-released", "odd-shape"])
 def test_packed_weights_keep_transformers_outputs(hf_dir, name):
-    if not t5kit.quantize.can_pack(torch.float32):
+    if not t5kit.inference.cpu.can_pack(torch.float32):
         pytest.skip("this PyTorch build has no oneDNN")
     folder = hf_dir(name)
     model, ref = t5kit.T5.from_pretrained(folder), load_hf(folder)
@@ -96,7 +96,7 @@ def test_bad_decode_mode(copy_model_dir):
         model.generate(ids, decode_mode="fast")
     with pytest.raises(ValueError, match="'graph' .* needs a CUDA device"):
         model.generate(ids, decode_mode="graph")
-    if t5kit.quantize.can_pack(torch.float32):
+    if t5kit.inference.cpu.can_pack(torch.float32):
         with pytest.raises(ValueError, match="'compile' takes the model's own weights"):
             pack_linears(model).generate(ids, decode_mode="compile")
 

@@ -5,8 +5,8 @@ import torch
 from conftest import COPY_WORDS, copy_batch, load_hf, padded_batch
 
 import t5kit
-from t5kit.generate import generate_uncached, stream
-from t5kit.tokenizer import Tokenizer
+from t5kit.data.tokenizer import Tokenizer
+from t5kit.inference.generate import generate_uncached, stream
 
 transformers = pytest.importorskip("transformers")
 
@@ -120,7 +120,7 @@ def test_stream_yields_generate_tokens(copy_model_dir):
 
 
 def test_int8_agrees_with_fp32(copy_model_dir):
-    from t5kit.quantize import quantize_int8
+    from t5kit.inference.cpu import quantize_int8
     model = t5kit.T5.from_pretrained(copy_model_dir)
     tok, src, tgt, ids, mask = _copy_inputs(12, seed=11)
     ref = model.generate(ids, mask, max_new_tokens=24)

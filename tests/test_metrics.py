@@ -2,7 +2,7 @@
 
 import pytest
 
-from t5kit.metrics import compute, normalize_answer
+from t5kit.jobs.metrics import compute, normalize_answer
 
 sacrebleu = pytest.importorskip("sacrebleu")
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")

@@ -62,14 +62,14 @@ def test_sharded_save_and_load(tmp_path):
     torch.manual_seed(0)
     model = t5kit.T5(t5kit.get_preset("tiny").replace(vocab_size=256))
     model.init_weights()
-    t5kit.hf.save_pretrained(model, tmp_path, max_shard_bytes=200_000)
+    t5kit.model.hf.save_pretrained(model, tmp_path, max_shard_bytes=200_000)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert "model.safetensors.index.json" in files and "model.safetensors" not in files
     assert sum(f.endswith(".safetensors") for f in files) > 1
     again = t5kit.T5.from_pretrained(tmp_path)
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
-    t5kit.hf.save_pretrained(model, tmp_path)  # unsharded save over it removes the stale shards
+    t5kit.model.hf.save_pretrained(model, tmp_path)  # unsharded save over it removes the stale shards
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from t5kit.cli import main
-from t5kit.spans import random_spans_helper
-from t5kit.data import DataConfig, SpanCorruptionBatches, TokenStore, build_token_store, raw_segments
-from t5kit.tokenizer import Tokenizer, train_tokenizer
-from t5kit.train import TrainConfig
+from t5kit.data.spans import random_spans_helper
+from t5kit.data.store import DataConfig, SpanCorruptionBatches, TokenStore, build_token_store, raw_segments
+from t5kit.data.tokenizer import Tokenizer, train_tokenizer
+from t5kit.training.loop import TrainConfig
 
 WORDS = "in the beginning god created heaven and earth light darkness waters day night evening morning".split()
 
@@ -159,7 +159,7 @@ def test_checkpoint_write_failure_keeps_previous(corpus, tmp_path, monkeypatch):
     """A full disk mid-save: the previous checkpoint survives and no temp file is left."""
     import torch
 
-    from t5kit import checkpoint
+    from t5kit.training import checkpoint
     out = tmp_path / "r"
     assert main(_pretrain_args(corpus, out, 2)) == 0
     before = sorted(os.listdir(out / "checkpoints"))
@@ -186,7 +186,7 @@ def test_corpus_check_on_arbitrary_bytes_names_the_problem_or_counts(tmp_path_fa
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
 
-    from t5kit.data import check_corpus
+    from t5kit.data.store import check_corpus
     folder = tmp_path_factory.mktemp("bytes")
 
     @hypothesis.settings(max_examples=60, deadline=None)

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import t5kit
-from t5kit.generate import generate_texts
-from t5kit.model import DecodeCache, mean_pool
-from t5kit.quantize import for_inference
-from t5kit.tokenizer import Tokenizer
+from t5kit.data.tokenizer import Tokenizer
+from t5kit.inference.cpu import for_inference
+from t5kit.inference.generate import generate_texts
+from t5kit.model.t5 import DecodeCache, mean_pool
 
 httpx = pytest.importorskip("httpx")
 KEY = {"Authorization": "Bearer sesame"}

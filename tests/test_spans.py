@@ -3,8 +3,13 @@
 import numpy as np
 import pytest
 
-from t5kit.spans import (corrupted_lengths, noise_span_to_unique_sentinel, random_spans_helper,
-                         random_spans_noise_mask, span_corrupt)
+from t5kit.data.spans import (
+    corrupted_lengths,
+    noise_span_to_unique_sentinel,
+    random_spans_helper,
+    random_spans_noise_mask,
+    span_corrupt,
+)
 
 
 @pytest.mark.parametrize("inputs, raw, targets", [(512, 568, 114), (128, 141, 29), (256, 284, 58), (1024, 1137, 229)])

@@ -10,10 +10,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from t5kit import tasks
-from t5kit.tasks import (TaskBatches, TaskSource, TokenizedTask, eval_batches, mixture_rates, parse_source,
-                         read_examples, tokenize_task)
-from t5kit.tokenizer import Tokenizer, train_tokenizer
+from t5kit.data import tasks
+from t5kit.data.tasks import (
+    TaskBatches,
+    TaskSource,
+    TokenizedTask,
+    eval_batches,
+    mixture_rates,
+    parse_source,
+    read_examples,
+    tokenize_task,
+)
+from t5kit.data.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = ("the cat sat on a mat while dog ran to big red house and bird sang in tree un chat le chien courait "
          "sept maison rouge oiseau chantait dans arbre quick brown fox jumps over lazy river morning evening "

@@ -6,7 +6,7 @@ import random
 import pytest
 
 import t5kit
-from t5kit.tokenizer import Tokenizer, train_tokenizer
+from t5kit.data.tokenizer import Tokenizer, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

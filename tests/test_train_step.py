@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import t5kit
-from t5kit.optim import OptimConfig, build_optimizer, fp32_masters
-from t5kit.train import TrainConfig, _terms_chunked, _terms_vocab_parallel, loss_terms, train
+from t5kit.training.loop import TrainConfig, _terms_chunked, _terms_vocab_parallel, loss_terms, train
+from t5kit.training.optim import OptimConfig, build_optimizer, fp32_masters
 
 VOCAB = 256
 
@@ -152,7 +152,8 @@ def test_chunked_cross_entropy_equals_unchunked(dtype, tol, z_loss, smoothing):
 @pytest.mark.parametrize("mode", ["block", "model"])
 def test_gpu_bf16_compiled_step_matches_eager(tmp_path, mode):
     import json
-    from t5kit import parallel
+
+    from t5kit.training import parallel
 
     def run(name, **kw):
         model = _model()

@@ -1,17 +1,23 @@
 """t5kit: T5-family encoder-decoder models in PyTorch, exact against Hugging Face, and fast.
 
-Public API (see README): T5, T5Encoder, T5Config, PRESETS, Tokenizer, and the jobs pretrain /
-finetune / evaluate / embed / demo with their config dataclasses. Importing has no side effects
-beyond binding the loading / saving / generation methods onto T5 and T5Encoder: they live in
-hf.py and generate.py, which import model.py, so model.py cannot import them (DESIGN.md,
-dependency direction).
+The public API (README, "Python API"); these names stay stable whatever moves inside:
+- models: T5, T5Encoder, T5Config, get_preset, PRESETS; tokenizers: Tokenizer, train_tokenizer;
+- inference: GenerationConfig, for_inference, quantize_int8;
+- the jobs with their configs: pretrain, finetune, evaluate, embed, demo; serve with ServeConfig.
+
+Importing binds the loading / saving / generation methods onto T5 and T5Encoder: they live in
+model/hf.py and inference/generate.py, above model/t5.py, which cannot import them (DESIGN.md,
+import rule). The jobs and the server load on first use (PEP 562), so `import t5kit` stays as
+light as the model itself.
 """
 
-from . import generate as _generate
-from . import hf as _hf
-from .config import PRESETS, T5Config, get_preset
-from .model import T5, T5Encoder
-from .tokenizer import Tokenizer, train_tokenizer
+from .data.tokenizer import Tokenizer, train_tokenizer
+from .inference import generate as _generate
+from .inference.cpu import for_inference, quantize_int8
+from .inference.generation import GenerationConfig
+from .model import hf as _hf
+from .model.config import PRESETS, T5Config, get_preset
+from .model.t5 import T5, T5Encoder
 
 T5.from_pretrained = classmethod(_hf.from_pretrained)
 T5.save_pretrained = _hf.save_pretrained
@@ -19,20 +25,21 @@ T5.generate = _generate.generate
 T5Encoder.from_pretrained = classmethod(_hf.from_pretrained)
 T5Encoder.save_pretrained = _hf.save_pretrained
 
-# The jobs load on first use (PEP 562), so `import t5kit` stays as light as the model itself.
-_JOBS = {"pretrain": "jobs", "finetune": "jobs", "evaluate": "jobs", "embed": "jobs", "PretrainConfig": "jobs",
-         "FinetuneConfig": "jobs", "EvalConfig": "jobs", "EmbedConfig": "jobs", "demo": "demo_job",
-         "DemoConfig": "demo_job"}
+_LAZY = {"pretrain": "jobs.common", "PretrainConfig": "jobs.common", "finetune": "jobs.common",
+         "FinetuneConfig": "jobs.common", "evaluate": "jobs.common", "EvalConfig": "jobs.common",
+         "embed": "jobs.common", "EmbedConfig": "jobs.common", "demo": "jobs.demo", "DemoConfig": "jobs.demo",
+         "serve": "serving.server", "ServeConfig": "serving.server"}
 
 
 def __getattr__(name: str):
-    if name in _JOBS:
+    if name in _LAZY:
         import importlib
-        return getattr(importlib.import_module(f".{_JOBS[name]}", __name__), name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 't5kit' has no attribute {name!r}")
 
 
 __version__ = "0.1.0"
-__all__ = ["T5", "T5Encoder", "T5Config", "PRESETS", "get_preset", "Tokenizer", "train_tokenizer", "pretrain",
-           "finetune", "evaluate", "embed", "demo", "PretrainConfig", "FinetuneConfig", "EvalConfig", "EmbedConfig",
-           "DemoConfig", "__version__"]
+__all__ = ["T5", "T5Encoder", "T5Config", "PRESETS", "get_preset", "Tokenizer", "train_tokenizer",
+           "GenerationConfig", "for_inference", "quantize_int8", "pretrain", "PretrainConfig", "finetune",
+           "FinetuneConfig", "evaluate", "EvalConfig", "embed", "EmbedConfig", "demo", "DemoConfig", "serve",
+           "ServeConfig", "__version__"]

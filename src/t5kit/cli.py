@@ -29,11 +29,11 @@ def _read_prompts(path: str) -> tuple[list[str], dict[int, str]]:
 def cmd_generate(args) -> int:
     import torch
 
-    from .generate import generate_texts
-    from .hf import resolve_dtype
-    from .model import T5
-    from .quantize import for_inference
-    from .tokenizer import Tokenizer
+    from .data.tokenizer import Tokenizer
+    from .inference.cpu import for_inference
+    from .inference.generate import generate_texts
+    from .model.hf import resolve_dtype
+    from .model.t5 import T5
 
     if not args.prompt and args.input is None:
         _err("give a prompt or --input FILE (or - for stdin)")
@@ -100,7 +100,7 @@ def cmd_generate(args) -> int:
 def cmd_tokenizer_train(args) -> int:
     import os
 
-    from .tokenizer import train_tokenizer
+    from .data.tokenizer import train_tokenizer
 
     for path in args.input:
         if not os.path.isfile(path):
@@ -191,7 +191,8 @@ def _add_job(sub, name: str, cls, job, help: str, description: str) -> None:
 def _run_job(cls, job, args) -> int:
     from dataclasses import fields
 
-    from . import jobs, parallel
+    from .jobs import common as jobs
+    from .training import parallel
     values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
     try:
         result = job(jobs.resolve(cls, args.config, values))
@@ -207,7 +208,9 @@ def _run_job(cls, job, args) -> int:
 
 
 def _add_jobs(sub) -> None:
-    from . import demo_job, jobs, serve
+    from .jobs import common as jobs
+    from .jobs import demo as demo_job
+    from .serving import server as serve
     _add_job(sub, "pretrain", jobs.PretrainConfig, jobs.pretrain,
              "pretrain a T5 with span corruption (Megatron pretrain_t5.py flags)",
              "Span-corruption pretraining. With no --data-path it trains on the embedded public-domain corpus "
@@ -234,8 +237,8 @@ def _add_jobs(sub) -> None:
 
 
 def cmd_preprocess(args) -> int:
-    from .data import build_token_store
-    from .tokenizer import Tokenizer
+    from .data.store import build_token_store
+    from .data.tokenizer import Tokenizer
     try:
         tok = Tokenizer.from_pretrained(args.tokenizer)
         header = build_token_store(args.input, tok, args.out, workers=args.workers, skip_bad_lines=args.skip_bad_lines)

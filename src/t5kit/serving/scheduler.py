@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine import Decoding
-from .generate import generate
-from .generation import GenerationConfig, next_token
-from .model import T5, DecodeCache, mean_pool
+from ..inference.engine import Decoding
+from ..inference.generate import generate
+from ..inference.generation import GenerationConfig, next_token
+from ..model.t5 import T5, DecodeCache, mean_pool
 
 log = logging.getLogger("t5kit.serve")
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..model.t5 import T5
 from . import engine
 from .generation import GenerationConfig, process
-from .model import T5
 
 NEG = -1.0e9  # transformers' additive "impossible" score
 SYNC_EVERY = 16  # on GPU, the stop test (a host sync) runs every this many steps

@@ -26,7 +26,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from .model import T5, DecodeCache
+from ..model.t5 import T5, DecodeCache
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LENGTH_STEP = 64  # source and cache lengths round up to a multiple: fewer slots, little waste

@@ -20,12 +20,12 @@ import time
 from dataclasses import dataclass, field
 from functools import cache
 
-from .generation import GenerationConfig
-from .hf import resolve_dtype
-from .model import T5
-from .quantize import for_inference
+from ..data.tokenizer import Tokenizer
+from ..inference.cpu import for_inference
+from ..inference.generation import GenerationConfig
+from ..model.hf import resolve_dtype
+from ..model.t5 import T5
 from .scheduler import Job, Rejected, Scheduler
-from .tokenizer import Tokenizer
 
 RETRY_AFTER_S = 1  # what a 503 asks the client to wait
 

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import write_parallel_corpus
-from .jobs import (EvalConfig, FinetuneConfig, PretrainConfig, _help, evaluate, finetune, pretrain,
-                   to_flags)
-from .tokenizer import train_tokenizer
+from ..data.store import write_parallel_corpus
+from ..data.tokenizer import train_tokenizer
+from .common import EvalConfig, FinetuneConfig, PretrainConfig, _help, evaluate, finetune, pretrain, to_flags
 
 PREFIX = "translate English to French: "
 EVAL_SHARE = 0.08  # of the budget, for greedy and beam-4 decoding of the test books
@@ -60,11 +59,11 @@ def step_seconds(preset: str, vocab: int, batch: int, inputs: int, targets: int,
     CPU and made this estimate 1.5x too slow."""
     import torch
 
-    from .config import get_preset
-    from .model import T5
-    from .optim import OptimConfig, build_optimizer
-    from .tasks import collate
-    from .train import _autocast, _tensors, loss_terms
+    from ..data.tasks import collate
+    from ..model.config import get_preset
+    from ..model.t5 import T5
+    from ..training.loop import _autocast, _tensors, loss_terms
+    from ..training.optim import OptimConfig, build_optimizer
 
     model = T5(get_preset(preset).replace(vocab_size=vocab, dropout_rate=0.0)).to(device)  # as both stages train
     opt = build_optimizer(model, OptimConfig())
@@ -178,7 +177,7 @@ def plot_losses(runs: dict[str, str], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
     for ax, (stage, folder) in zip(axes[0], runs.items()):
         log = os.path.join(folder, "metrics.jsonl")
@@ -198,7 +197,7 @@ def plot_losses(runs: dict[str, str], path: str) -> str:
 
 def write_report(out: str, cfg: DemoConfig, split: dict, scores: dict, samples: list[dict], commands: dict,
                  stages: dict, plot: str, steps: dict) -> str:
-    from .atomic import write_text
+    from ..atomic import write_text
     lines = [
         "# t5kit demo: English -> French", "",
         f"{sum(stages.values()) / 60:.1f} minutes (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in stages.items())

@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .model import T5
+from ..model.t5 import T5
 
 
 def _own_lm_head(model: T5) -> None:

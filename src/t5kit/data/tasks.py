@@ -14,7 +14,6 @@ Packed batches have the fixed shape (B, inputs_length), (B, targets_length) and 
 from __future__ import annotations
 
 import copy
-
 import csv
 import hashlib
 import json
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 
 EXTENSIONS = (".jsonl", ".csv", ".tsv", ".parquet")
 DECODER_START = 0  # T5 decoder_start_token_id (= pad id); every packed segment starts with it too

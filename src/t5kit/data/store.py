@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .atomic import atomic_path, write_json
+from ..atomic import atomic_path, write_json
 from .spans import random_spans_helper, span_corrupt
 from .tasks import BadLine, collate, utf8_lines
 from .tokenizer import Tokenizer

@@ -22,9 +22,9 @@ import shutil
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
+from ..model.config import T5Config
 from . import parallel
-from .atomic import atomic_path
-from .config import T5Config
 
 PATTERN = re.compile(r"step_(\d+)$")
 EXTRA = "extra.pt"
@@ -120,8 +120,12 @@ def load(path: str, model, optimizer, load_optim: bool = True, load_rng: bool = 
     load_optim / load_rng False (--no-load-optim / --no-load-rng) skip those states. The RNG
     states are per rank: a rank that did not exist when saving keeps its fresh seeding."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     extra = read_extra(path)
     saved = T5Config.from_hf_json(extra["config"], source=path)

@@ -124,8 +124,12 @@ def tensor_parallel(model: nn.Module, mesh) -> None:
     vocabulary too, its logits left sharded for the vocabulary-parallel cross-entropy
     (`vocab_parallel`)."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleOutput, RowwiseParallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        parallelize_module,
+    )
     for stack in (model.encoder, model.decoder):
         for blk in stack.blocks:
             attns = [n for n in ("attn", "cross") if hasattr(blk, n)]

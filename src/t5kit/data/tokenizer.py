@@ -16,8 +16,8 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
-from .atomic import atomic_path, write_json
-from .hub import resolve_dir
+from ..atomic import atomic_path, write_json
+from ..model.hub import resolve_dir
 
 PAD, EOS, UNK = 0, 1, 2
 SPECIAL_TEXT = {"<pad>": PAD, "</s>": EOS, "<unk>": UNK}
@@ -253,8 +253,8 @@ def _tokenizer_json(sp: _SentencePiece, extra_ids: int) -> dict:
     """The `tokenizers` pipeline that transformers builds for T5 from a SentencePiece model
     (transformers 5.x `T5Tokenizer`): Unigram over the pieces, the model's precompiled
     normalizer, whitespace split + Metaspace, `</s>` appended, sentinels as added tokens."""
-    from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import Unigram
 
     vocab = [(p.piece, p.score) for p in sp.proto.pieces] + [(f"<extra_id_{i}>", 0.0) for i in reversed(range(extra_ids))]

@@ -16,10 +16,10 @@ import re
 
 import torch
 
-from .atomic import atomic_path, write_json
+from ..atomic import atomic_path, write_json
 from .config import T5Config
 from .hub import resolve_dir
-from .model import T5, T5Encoder
+from .t5 import T5, T5Encoder
 
 log = logging.getLogger(__name__)
 

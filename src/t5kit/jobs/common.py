@@ -16,16 +16,33 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
 
-from . import checkpoint, parallel
-from .data import (DataConfig, SpanCorruptionBatches, TokenStore, build_token_store, check_corpus, raw_segments,
-                   write_embedded_corpus)
+from ..data.spans import random_spans_helper
+from ..data.store import (
+    DataConfig,
+    SpanCorruptionBatches,
+    TokenStore,
+    build_token_store,
+    check_corpus,
+    raw_segments,
+    write_embedded_corpus,
+)
+from ..data.tasks import (
+    BadLine,
+    TaskBatches,
+    TaskSource,
+    eval_batches,
+    mixture_rates,
+    parse_source,
+    read_examples,
+    tokenize_task,
+    utf8_lines,
+)
+from ..data.tokenizer import Tokenizer, train_tokenizer
+from ..training import checkpoint, parallel
+from ..training.loop import FREEZE_PARTS, TrainConfig, freeze, train, write_run_config
+from ..training.loop import evaluate as loss_eval
+from ..training.optim import OptimConfig
 from .metrics import check_metrics, compute
-from .optim import OptimConfig
-from .spans import random_spans_helper
-from .tasks import (BadLine, TaskBatches, TaskSource, eval_batches, mixture_rates, parse_source, read_examples,
-                    tokenize_task, utf8_lines)
-from .tokenizer import Tokenizer, train_tokenizer
-from .train import FREEZE_PARTS, TrainConfig, evaluate as loss_eval, freeze, train, write_run_config
 
 
 def _say(msg: str) -> None:
@@ -108,8 +125,8 @@ def _setup(cfg: "LoopConfig") -> parallel.Layout:
 
 
 def _load_model(model_dir: str, tok: Tokenizer):
-    from .hf import from_pretrained
-    from .model import T5
+    from ..model.hf import from_pretrained
+    from ..model.t5 import T5
     model = from_pretrained(T5, model_dir)
     tok.check_model_vocab(model.config.vocab_size, f"{model_dir}/config.json")
     return model
@@ -240,8 +257,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     """Span-corruption pretraining; -> the last log row, with the run's `final` export path."""
     import torch
 
-    from .config import get_preset
-    from .model import T5
+    from ..model.config import get_preset
+    from ..model.t5 import T5
 
     out = cfg.save
     layout = _setup(cfg)
@@ -267,7 +284,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
             raise ValueError(f"{store_dir}: a token store needs the --tokenizer it was built with")
         tok_dir = os.path.join(out, "tokenizer")
         if main:
-            from .data import iter_documents
+            from ..data.store import iter_documents
             _say(f"training a {cfg.vocab_size}-piece SentencePiece tokenizer -> {tok_dir}")
             train_tokenizer((d for p in paths for d in iter_documents(p, cfg.skip_bad_lines)), cfg.vocab_size,
                             tok_dir, extra_ids=cfg.vocab_extra_ids)
@@ -485,7 +502,7 @@ def set_dropout(model, p: float) -> None:
 def predict(model, tok, inputs: list[str], batch_size: int, progress: bool = False, **gen) -> list[str]:
     """Generate one output per input (length-sorted batches, input order kept); an empty input
     gets an empty prediction."""
-    from .generate import generate_texts
+    from ..inference.generate import generate_texts
     results = generate_texts(model, tok, inputs, batch_size=batch_size, progress=progress, **gen)
     return [r.outputs[0] if r.outputs else "" for r in results]
 
@@ -513,10 +530,10 @@ class EvalConfig(TaskFields):
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     """-> {metric: score, ..., "n_examples": n[, "sacrebleu_signature": ...]}, also written to
     cfg.output; predictions to cfg.predictions."""
-    from .atomic import write_json, write_text
-    from .hf import from_pretrained, resolve_dtype
-    from .model import T5
-    from .quantize import for_inference
+    from ..atomic import write_json, write_text
+    from ..inference.cpu import for_inference
+    from ..model.hf import from_pretrained, resolve_dtype
+    from ..model.t5 import T5
 
     if not cfg.model or not cfg.data:
         raise ValueError("--model and --data are required")
@@ -595,9 +612,9 @@ def embed(cfg: EmbedConfig, progress: bool = True) -> dict:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from .atomic import atomic_path
-    from .hf import from_pretrained, resolve_dtype
-    from .model import T5Encoder, mean_pool
+    from ..atomic import atomic_path
+    from ..model.hf import from_pretrained, resolve_dtype
+    from ..model.t5 import T5Encoder, mean_pool
 
     if not cfg.model or not cfg.input or not cfg.output:
         raise ValueError("--model, --input and --output are required")

@@ -25,13 +25,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model.hf import save_pretrained
 from . import checkpoint, parallel
-from .hf import save_pretrained
 from .optim import OptimConfig, build_optimizer, fp32_masters, lr_at
 
 
@@ -407,7 +406,7 @@ def export(model, tokenizer, folder: str, state: dict) -> None:
     rank (a sharded model's tensors are gathered one at a time); rank 0 writes."""
     import shutil
 
-    from .atomic import write_json
+    from ..atomic import write_json
     main = parallel.is_main()
     tmp, old = folder + ".tmp", folder + ".old"
     if main:
@@ -427,7 +426,7 @@ def export(model, tokenizer, folder: str, state: dict) -> None:
 
 def write_run_config(out: str, **parts) -> None:
     """The resolved configuration of a run, next to its outputs."""
-    from .atomic import write_json
+    from ..atomic import write_json
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "run_config.json"), {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v)
                                                   for k, v in parts.items()})

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..model.t5 import T5
 from . import engine
 from .generation import GenerationConfig, next_token, process
-from .model import T5
 
 SYNC_EVERY = 16
 
