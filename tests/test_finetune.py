@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 import t5kit
 from t5kit.cli import main
-from t5kit.jobs.common import FinetuneConfig, resolve, to_flags
+from t5kit.jobs.finetune import FinetuneConfig
+from t5kit.options import resolve, to_flags
 
 WORDS = ["cat", "dog", "bird", "fish", "horse", "mouse", "tiger", "lion", "zebra", "snake", "whale", "eagle"]
 

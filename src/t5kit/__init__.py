@@ -25,9 +25,9 @@ T5.generate = _generate.generate
 T5Encoder.from_pretrained = classmethod(_hf.from_pretrained)
 T5Encoder.save_pretrained = _hf.save_pretrained
 
-_LAZY = {"pretrain": "jobs.common", "PretrainConfig": "jobs.common", "finetune": "jobs.common",
-         "FinetuneConfig": "jobs.common", "evaluate": "jobs.common", "EvalConfig": "jobs.common",
-         "embed": "jobs.common", "EmbedConfig": "jobs.common", "demo": "jobs.demo", "DemoConfig": "jobs.demo",
+_LAZY = {"pretrain": "jobs.pretrain", "PretrainConfig": "jobs.pretrain", "finetune": "jobs.finetune",
+         "FinetuneConfig": "jobs.finetune", "evaluate": "jobs.evaluate", "EvalConfig": "jobs.evaluate",
+         "embed": "jobs.embed", "EmbedConfig": "jobs.embed", "demo": "jobs.demo", "DemoConfig": "jobs.demo",
          "serve": "serving.server", "ServeConfig": "serving.server"}
 
 

@@ -169,7 +169,7 @@ def _flag_kind(annotation: str):
 
 def _add_job(sub, name: str, cls, job, help: str, description: str) -> None:
     """A subcommand whose flags are the fields of a job's config dataclass (dashes for
-    underscores); unset flags stay None so jobs.resolve can layer defaults < recipe < flags."""
+    underscores); unset flags stay None so options.resolve can layer defaults < recipe < flags."""
     from dataclasses import MISSING, fields
     p = sub.add_parser(name, help=help, description=description)
     p.add_argument("--config", help="TOML recipe; its keys are these flags' names (flags win)")
@@ -191,11 +191,11 @@ def _add_job(sub, name: str, cls, job, help: str, description: str) -> None:
 def _run_job(cls, job, args) -> int:
     from dataclasses import fields
 
-    from .jobs import common as jobs
+    from .options import resolve
     from .training import parallel
     values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
     try:
-        result = job(jobs.resolve(cls, args.config, values))
+        result = job(resolve(cls, args.config, values))
         main = parallel.is_main()
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         _err(str(e))  # on every rank: each one checked the same input (parallel.init says why)
@@ -208,29 +208,40 @@ def _run_job(cls, job, args) -> int:
 
 
 def _add_jobs(sub) -> None:
-    from .jobs import common as jobs
-    from .jobs import demo as demo_job
-    from .serving import server as serve
-    _add_job(sub, "pretrain", jobs.PretrainConfig, jobs.pretrain,
+    from . import (
+        DemoConfig,
+        EmbedConfig,
+        EvalConfig,
+        FinetuneConfig,
+        PretrainConfig,
+        ServeConfig,
+        demo,
+        embed,
+        evaluate,
+        finetune,
+        pretrain,
+        serve,
+    )
+    _add_job(sub, "pretrain", PretrainConfig, pretrain,
              "pretrain a T5 with span corruption (Megatron pretrain_t5.py flags)",
              "Span-corruption pretraining. With no --data-path it trains on the embedded public-domain corpus "
              "(needs the [demo] extra) after training its own tokenizer.")
-    _add_job(sub, "finetune", jobs.FinetuneConfig, jobs.finetune, "fine-tune a T5 on text-to-text tasks",
+    _add_job(sub, "finetune", FinetuneConfig, finetune, "fine-tune a T5 on text-to-text tasks",
              "Fine-tune on one task or a mixture (--train FILE[:PREFIX] ...), validating by loss or a "
              "generation metric; writes <save>/best and <save>/final in the HF layout with the tokenizer.")
-    _add_job(sub, "evaluate", jobs.EvalConfig, jobs.evaluate, "generate for a labelled set and score it",
+    _add_job(sub, "evaluate", EvalConfig, evaluate, "generate for a labelled set and score it",
              "Batched, length-sorted generation, then BLEU / chrF (sacrebleu), ROUGE (rouge-score), exact "
              "match and accuracy (T5's answer normalisation). Prints the scores as JSON.")
-    _add_job(sub, "embed", jobs.EmbedConfig, jobs.embed, "encode one text per line with a T5 encoder",
+    _add_job(sub, "embed", EmbedConfig, embed, "encode one text per line with a T5 encoder",
              "Runs the encoder of an encoder-only (T5EncoderModel) or full T5 checkpoint over each line of --input "
              "(length-sorted batches, a progress bar) and writes --output, a safetensors file with rows in input "
              "order: 'embeddings' (N, C) with --pool mean, or 'hidden_states' (N, S_max, C) plus 'attention_mask' "
              "(N, S_max) with --pool none. Prints a summary as JSON.")
-    _add_job(sub, "serve", serve.ServeConfig, serve.serve, "serve generation and embeddings over HTTP",
+    _add_job(sub, "serve", ServeConfig, serve, "serve generation and embeddings over HTTP",
              "An HTTP server (FastAPI + uvicorn, the [serve] extra) with continuous batching: POST /v1/generate "
              "(JSON or Server-Sent Events), POST /v1/embed, GET /health, GET /metrics (Prometheus), /docs. "
              "SIGTERM stops admission, finishes the requests in flight and exits 0.")
-    _add_job(sub, "demo", demo_job.DemoConfig, demo_job.demo, "the end-to-end English -> French demo",
+    _add_job(sub, "demo", DemoConfig, demo, "the end-to-end English -> French demo",
              "Builds an English -> French Bible corpus split by whole books, trains a tokenizer, pretrains "
              "with span corruption, fine-tunes, evaluates BLEU / chrF on held-out books and writes "
              "<save>/report.md, all within --minutes.")

@@ -21,7 +21,10 @@ import numpy as np
 
 from ..data.store import write_parallel_corpus
 from ..data.tokenizer import train_tokenizer
-from .common import EvalConfig, FinetuneConfig, PretrainConfig, _help, evaluate, finetune, pretrain, to_flags
+from ..options import option, to_flags
+from .evaluate import EvalConfig, evaluate
+from .finetune import FinetuneConfig, finetune
+from .pretrain import PretrainConfig, pretrain
 
 PREFIX = "translate English to French: "
 EVAL_SHARE = 0.08  # of the budget, for greedy and beam-4 decoding of the test books
@@ -30,22 +33,22 @@ EVAL_SHARE = 0.08  # of the budget, for greedy and beam-4 decoding of the test b
 @dataclass
 class DemoConfig:
     save: str = "runs/demo"
-    minutes: float = _help("wall-clock budget for the whole run", default=15.0)
-    preset: str = _help("model preset (see t5kit.PRESETS)", default="micro")
+    minutes: float = option("wall-clock budget for the whole run", default=15.0)
+    preset: str = option("model preset (see t5kit.PRESETS)", default="micro")
     device: str = "cpu"
     bf16: bool = False
-    no_pretrain: bool = _help("skip pretraining: fine-tune from random weights for the same total time",
-                              default=False)
-    pretrain_share: float = _help("share of the training time spent pretraining (15 CPU minutes, greedy test "
-                                  "BLEU: 0.4 -> 1.2, 0.1 -> 2.1, none -> 3.5: the corpus is the fine-tuning text)",
-                                  default=0.1)
+    no_pretrain: bool = option("skip pretraining: fine-tune from random weights for the same total time",
+                               default=False)
+    pretrain_share: float = option("share of the training time spent pretraining (15 CPU minutes, greedy test "
+                                   "BLEU: 0.4 -> 1.2, 0.1 -> 2.1, none -> 3.5: the corpus is the fine-tuning text)",
+                                   default=0.1)
     vocab_size: int = 8000
     micro_batch_size: int = 32
     pretrain_lr: float = 2e-3
     finetune_lr: float = 2e-3
-    max_length: int = _help("input and target tokens kept per verse", default=128)
-    test_examples: int | None = _help("score the first N test verses (default: all of the held-out books)",
-                                      default=None)
+    max_length: int = option("input and target tokens kept per verse", default=128)
+    test_examples: int | None = option("score the first N test verses (default: all of the held-out books)",
+                                       default=None)
     seed: int = 1234
 
 

@@ -17,7 +17,7 @@ import os
 import secrets
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 
 from ..data.tokenizer import Tokenizer
@@ -25,13 +25,10 @@ from ..inference.cpu import for_inference
 from ..inference.generation import GenerationConfig
 from ..model.hf import resolve_dtype
 from ..model.t5 import T5
+from ..options import option
 from .scheduler import Job, Rejected, Scheduler
 
 RETRY_AFTER_S = 1  # what a 503 asks the client to wait
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
@@ -39,20 +36,20 @@ class ServeConfig:
     """`t5kit serve`: the flags are these fields (annotations quoted: cli reads them as text, and
     this module is not `from __future__ import annotations`, for FastAPI resolves the handlers'
     annotations, whose request classes are local to `_schemas`)."""
-    model: "str | None" = _help("checkpoint directory or hub id (config.json + weights + tokenizer)", default=None)
+    model: "str | None" = option("checkpoint directory or hub id (config.json + weights + tokenizer)", default=None)
     host: "str" = "127.0.0.1"
     port: "int" = 8000
-    device: "str" = _help("cpu | cuda | cuda:N", default="cpu")
-    dtype: "str" = _help("fp32 | bf16 | fp16", default="fp32")
-    quantize: "str | None" = _help("int8: int8 weights for CPU inference", default=None)
-    max_batch_size: "int" = _help("decode-batch rows (inputs x sequences, or x beams) running at once", default=32)
-    max_queue: "int" = _help("requests waiting to join the batch; more get 503 with Retry-After", default=64)
-    max_input_tokens: "int" = _help("longer inputs get 413, unless the request says \"truncate\": true", default=512)
-    max_new_tokens_limit: "int" = _help("the largest max_new_tokens a request may ask for", default=512)
-    timeout: "float" = _help("seconds a request may take, queueing included; then 504 and its rows are freed",
-                             default=60.0)
-    api_key: "str | None" = _help("require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' on /v1/* "
-                                  "(default: the T5KIT_API_KEY variable; none: open)", default=None)
+    device: "str" = option("cpu | cuda | cuda:N", default="cpu")
+    dtype: "str" = option("fp32 | bf16 | fp16", default="fp32")
+    quantize: "str | None" = option("int8: int8 weights for CPU inference", default=None)
+    max_batch_size: "int" = option("decode-batch rows (inputs x sequences, or x beams) running at once", default=32)
+    max_queue: "int" = option("requests waiting to join the batch; more get 503 with Retry-After", default=64)
+    max_input_tokens: "int" = option("longer inputs get 413, unless the request says \"truncate\": true", default=512)
+    max_new_tokens_limit: "int" = option("the largest max_new_tokens a request may ask for", default=512)
+    timeout: "float" = option("seconds a request may take, queueing included; then 504 and its rows are freed",
+                              default=60.0)
+    api_key: "str | None" = option("require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' on /v1/* "
+                                   "(default: the T5KIT_API_KEY variable; none: open)", default=None)
 
     def __post_init__(self):
         if self.api_key is None:
