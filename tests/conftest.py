@@ -153,6 +153,53 @@ def copy_model_dir(tmp_path_factory):
     return folder
 
 
+def eos_model(seed: int = 0):
+    """A T5 with weights set by hand so that every output ends in EOS within EOS_WITHIN tokens, whatever
+    the CPU's float rounding (a trained toy model's stopping is not: issue 16).
+
+    Everything but the embeddings, the final norms, the decoder's cross-attention and the LM head is
+    zero, so each block adds nothing and the decoder's hidden state is 4 e_prev + 2 p: the previous
+    token's one-hot embedding, plus (cross-attention with q = 0 averages the source uniformly) p, the
+    frequencies of the source tokens 16..63. The LM head turns that into transition logits between
+    levels: from the start token to tokens 3-5, from level k (tokens 3 + 3k .. 5 + 3k) to level k + 1
+    or EOS, from token 15 to EOS only; every other token is 40 logits down. Seeded random logits on the
+    allowed moves, and on the source tokens' pull (2 p), make rows end at different lengths.
+    -> (model, ids (6, S), mask (6, S))."""
+    import t5kit
+    content = list(range(3, 16))
+    level = {0: -1, **{t: (t - 3) // 3 for t in content}}
+    g = torch.Generator().manual_seed(seed)
+    model = t5kit.T5(t5kit.get_preset("tiny").replace(vocab_size=64, num_layers=1, num_decoder_layers=1,
+                                                      dropout_rate=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.shared.weight.copy_(4 * torch.eye(64))  # the encoder's output is 8 e_token after its norm
+        model.encoder.norm.weight.fill_(1.0)
+        model.decoder.norm.weight.fill_(1.0)
+        cross = model.decoder.blocks[0].cross
+        cross.v.weight[16:, 16:] = torch.eye(48)
+        cross.o.weight[16:, 16:] = 0.25 * torch.eye(48)
+        moves = torch.full((16, 64), -40.0)  # (previous token, next token) logits
+        logits = 1.5 * torch.randn(16, 64, generator=g)
+        for prev, lv in level.items():
+            nxt = [t for t in content if level[t] == lv + 1] + ([1] if prev else [])
+            moves[prev, nxt] = logits[prev, nxt]
+        pull = torch.zeros(48, 64)  # (source token, next token)
+        pull[:, content + [1]] = 6.0 * torch.randn(48, len(content) + 1, generator=g)
+        model.lm_head.weight[:, :16] = moves.T / 8  # the final norm scales the hidden state by about 2
+        model.lm_head.weight[:, 16:] = pull.T / 8
+    lengths = torch.randint(3, 12, (6,), generator=g)
+    s = int(lengths.max()) + 1
+    mask = (torch.arange(s)[None] <= lengths[:, None]).long()
+    ids = torch.randint(16, 64, (6, s), generator=g) * mask
+    ids[torch.arange(6), lengths] = 1
+    return model.eval(), ids, mask
+
+
+EOS_WITHIN = 6  # eos_model: 5 levels of content tokens, then EOS
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA; without it they skip, saying so."""
     if torch.cuda.is_available():

@@ -11,7 +11,7 @@ pytest.importorskip("sacrebleu")
 
 
 def test_parallel_corpus_split_by_whole_books(tmp_path):
-    from t5kit.data.store import write_parallel_corpus
+    from t5kit.data.embedded import write_parallel_corpus
     split = write_parallel_corpus(str(tmp_path), seed=0)
     books = {}
     for name in ("train", "valid", "test"):

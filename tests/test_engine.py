@@ -3,7 +3,7 @@ replayed on GPU), and packed CPU weights; each against eager, and packed against
 
 import pytest
 import torch
-from conftest import load_hf, padded_batch
+from conftest import EOS_WITHIN, eos_model, load_hf, padded_batch
 from test_generate import _copy_inputs, _hf_generate, _same
 
 import t5kit
@@ -59,14 +59,15 @@ def test_slots_are_reused_and_bucketed(hf_dir):
 
 
 @pytest.mark.parametrize("early_stopping", [True, False, "never"])
-def test_beam_stop_test_every_k_steps_changes_nothing(copy_model_dir, early_stopping):
+def test_beam_stop_test_every_k_steps_changes_nothing(early_stopping):
     """The GPU beam loop tests for the end every SYNC_EVERY steps; the steps it runs past the end
-    must not change any hypothesis."""
-    model = t5kit.T5.from_pretrained(copy_model_dir)
-    _, _, _, ids, mask = _copy_inputs(6, seed=5)
+    must not change any hypothesis. eos_model ends every output within EOS_WITHIN tokens by
+    construction, so the late test always has steps to run past, and rows end at different steps."""
+    model, ids, mask = eos_model()
     cfg = GenerationConfig(max_new_tokens=40, num_beams=4, num_return_sequences=2, early_stopping=early_stopping)
     every = beam_search(model, ids, mask, cfg, "eager", sync_every=1)
-    assert every.shape[1] < 40  # the copy model stops early: the late test has steps to run past
+    assert every.shape[1] <= EOS_WITHIN < 40
+    assert len({int((row != 0).sum()) for row in every}) > 1
     assert torch.equal(beam_search(model, ids, mask, cfg, "eager", sync_every=16), every)
 
 

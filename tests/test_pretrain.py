@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from t5kit.cli import main
+from t5kit.data.pretraining import DataConfig, SpanCorruptionBatches, raw_segments
 from t5kit.data.spans import random_spans_helper
-from t5kit.data.store import DataConfig, SpanCorruptionBatches, TokenStore, build_token_store, raw_segments
+from t5kit.data.store import TokenStore, build_token_store
 from t5kit.data.tokenizer import Tokenizer, train_tokenizer
 from t5kit.training.loop import TrainConfig
 
@@ -186,7 +187,7 @@ def test_corpus_check_on_arbitrary_bytes_names_the_problem_or_counts(tmp_path_fa
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
 
-    from t5kit.data.store import check_corpus
+    from t5kit.data.readers import check_corpus
     folder = tmp_path_factory.mktemp("bytes")
 
     @hypothesis.settings(max_examples=60, deadline=None)

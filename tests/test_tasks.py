@@ -10,17 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from t5kit.data import tasks
-from t5kit.data.tasks import (
-    TaskBatches,
-    TaskSource,
-    TokenizedTask,
-    eval_batches,
-    mixture_rates,
-    parse_source,
-    read_examples,
-    tokenize_task,
-)
+from t5kit.data import task_cache
+from t5kit.data.readers import TaskSource, parse_source, read_examples
+from t5kit.data.task_cache import TokenizedTask, tokenize_task
+from t5kit.data.tasks import TaskBatches, eval_batches, mixture_rates, resume_state
 from t5kit.data.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = ("the cat sat on a mat while dog ran to big red house and bird sang in tree un chat le chien courait "
@@ -207,7 +200,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, sp_tok, monkeypatch):
 
     def boom(source, stats=None):
         raise AssertionError("read the file")
-    monkeypatch.setattr(tasks, "read_examples", boom)
+    monkeypatch.setattr(task_cache, "read_examples", boom)
     again = tokenize_task(TaskSource(str(f), "go: "), sp_tok, 16, 16, cache_dir=cache)
     assert again.name == "t" and [x.tolist() for x in again.inputs] == [x.tolist() for x in first.inputs]
     assert [x.tolist() for x in again.targets] == [x.tolist() for x in first.targets]
@@ -427,7 +420,7 @@ def test_reshard_to_fewer_ranks_continues_without_repeating(mix):
         two = [TaskBatches(mix, 5, seed=1, rank=r, world=2, **kw) for r in range(2)]
         seen = {row for _ in range(4) for it in two for row in _rows_any(next(it))}
         one = TaskBatches(mix, 5, seed=1, **kw)
-        state, skipped = one.reshard([it.state() for it in two], 0)
+        state, skipped = one.reshard([it.state() for it in two])
         assert (skipped == 0) == exact, (kw, skipped)
         one.load_state(state)
         after = [row for _ in range(6) for row in _rows_any(next(one))]
@@ -436,7 +429,7 @@ def test_reshard_to_fewer_ranks_continues_without_repeating(mix):
             more = [row for _ in range(3) for it in two for row in _rows_any(next(it))]
             assert sorted(more) == sorted(after)
     same = TaskBatches(mix, 5, seed=1, rank=1, world=2)
-    assert same.reshard([{"a": 0}, {"b": 1}], 1) == ({"b": 1}, 0)  # same rank count: each rank its own
+    assert resume_state(same, [{"a": 0}, {"b": 1}], 1) == ({"b": 1}, 0)  # same rank count: each rank its own
 
 
 def _rows_any(batch):

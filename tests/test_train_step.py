@@ -15,6 +15,7 @@ VOCAB = 256
 class Batches:
     """Deterministic span-corruption-shaped batches (padding and ignored labels included), with
     the iterator-state methods train() uses to checkpoint and resume."""
+    world = 1  # data-parallel ranks the stream is cut for
 
     def __init__(self, rows=4, src=24, tgt=10):
         self.rows, self.src, self.tgt, self.position = rows, src, tgt, 0
@@ -35,7 +36,7 @@ class Batches:
     def load_state(self, state):
         self.position = state["position"]
 
-    def reshard(self, states, rank):
+    def reshard(self, states):
         return states[0], 0
 
 

@@ -1,366 +1,26 @@
-"""Text-to-text fine-tuning data: task files -> (input, target) pairs -> token ids (cached) ->
-length-bucketed or packed batches of one task or a mixture; iterator state resumes exactly.
+"""Batches of text-to-text tasks: one task or a mixture (T5 paper section 3.5.2, `mixture_rates`),
+length-bucketed or packed; the iterator state resumes exactly and reshards across rank counts.
+`collate` and `first_fit` are the one batch builder and the one packer, for task batches here and
+span-corruption batches (pretraining.py).
 
-Sources: .jsonl / .csv / .tsv / .parquet files, a `datasets` save_to_disk directory, or
-"hf:NAME[@SPLIT]". A spec "FILE:PREFIX" prepends PREFIX to every input ("translate English to
-French: ", T5 paper section 2.4). Mixtures follow T5 paper section 3.5.2 (`mixture_rates`).
-
-Batch (as in data.py): int64 arrays input_ids (B, S) right-padded with pad; decoder_input_ids (B, T),
-the targets shifted right behind the start token 0; labels (B, T), the targets with -100 at padding.
-Packed batches have the fixed shape (B, inputs_length), (B, targets_length) and add segment_ids
-(B, S) and decoder_segment_ids (B, T), 1-based per row, 0 = padding.
+Batch: int64 arrays input_ids (B, S) right-padded with pad; decoder_input_ids (B, T), the targets
+shifted right behind the start token 0; labels (B, T), the targets with -100 at padding. Packed
+batches have the fixed shape (B, inputs_length), (B, targets_length) and add segment_ids (B, S) and
+decoder_segment_ids (B, T), 1-based per row, 0 = padding.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import hashlib
-import json
-import os
-import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from ..atomic import atomic_path
+from .task_cache import TokenizedTask
 
-EXTENSIONS = (".jsonl", ".csv", ".tsv", ".parquet")
 DECODER_START = 0  # T5 decoder_start_token_id (= pad id); every packed segment starts with it too
-CACHE_VERSION = 2
 _BLOCK = 1024  # mixture task choices are drawn in seeded blocks of this many draws
 
-
-# ---- sources ----
-
-@dataclass(frozen=True)
-class TaskSource:
-    path: str               # a task file, a save_to_disk directory, or "hf:NAME[@SPLIT]"
-    prefix: str = ""        # prepended to every input
-    input_field: str = "input"
-    target_field: str = "target"
-    name: str = ""          # short task name for logs (default: file stem, or the hf dataset name)
-    skip_bad_lines: bool = False  # skip (and count) malformed lines / rows instead of stopping
-
-    def __post_init__(self):
-        if not self.name:
-            if self.path.startswith("hf:"):
-                name = self.path[3:].split("@")[0].rstrip("/").split("/")[-1]
-            else:
-                name = os.path.splitext(os.path.basename(self.path.rstrip("/\\")))[0]
-            object.__setattr__(self, "name", name or self.path)
-
-
-def parse_source(spec: str, prefix: str = "", input_field: str = "input", target_field: str = "target",
-                 skip_bad_lines: bool = False) -> TaskSource:
-    """"FILE" or "FILE:PREFIX". A spec that is an existing path has no prefix; otherwise it splits at
-    the first ':' whose left side exists, ends in a known extension, or is an hf: spec, so the prefix
-    may itself hold ':'. A prefix in the spec beats the `prefix` argument.
-
-    >>> s = parse_source("train.jsonl:translate English to French: ")
-    >>> s.path, s.prefix, s.name
-    ('train.jsonl', 'translate English to French: ', 'train')
-    >>> s = parse_source("hf:cnn_dailymail@validation:summarize: ", input_field="article")
-    >>> s.path, s.prefix, s.input_field, s.name
-    ('hf:cnn_dailymail@validation', 'summarize: ', 'article', 'cnn_dailymail')
-    """
-    if not spec:
-        raise ValueError("empty task spec; expected FILE or FILE:PREFIX")
-    path = spec
-    if not os.path.exists(spec):
-        i = spec.find(":", 3 if spec.startswith("hf:") else 0)
-        while i != -1:
-            left = spec[:i]
-            if left.startswith("hf:") or os.path.exists(left) or left.lower().endswith(EXTENSIONS):
-                path, prefix = left, spec[i + 1:]
-                break
-            i = spec.find(":", i + 1)
-    return TaskSource(path, prefix, input_field, target_field, skip_bad_lines=skip_bad_lines)
-
-
-def _check_exists(path: str) -> None:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: task file not found")
-
-
-class BadLine(ValueError):
-    """A malformed line or row: an error, or with TaskSource.skip_bad_lines skipped and counted."""
-
-
-def _text(path: str, where: str, field: str, value, flag: str) -> str:
-    """A field's value as text: strings as they are, numbers as str; anything else is a bad line."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
-            raise BadLine(f"{path}: {where} field {field!r} holds an unpaired surrogate escape, "
-                          "which is not text") from None
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise BadLine(f"{path}: {where} has no {field!r} field of text or a number (got {type(value).__name__}: "
-                  f"{str(value)[:40]}); set --{flag}")
-
-
-def read_examples(source: TaskSource, stats: dict | None = None) -> list[tuple[str, str]]:
-    """(prefix + input, target) pairs in file order. A malformed line or row is an error naming the
-    file and line (row), or with source.skip_bad_lines is skipped and counted in stats['skipped']."""
-    path = source.path
-    if path.startswith("hf:") or os.path.isdir(path):
-        ds = _load_hf(path) if path.startswith("hf:") else _load_from_disk(path)
-        rows = _column_rows(path, source, ds.column_names, lambda c: list(ds[c]))
-    else:
-        _check_exists(path)
-        ext = os.path.splitext(path)[1].lower()
-        if ext == ".jsonl":
-            rows = _jsonl_rows(path, source)
-        elif ext in (".csv", ".tsv"):
-            rows = _csv_rows(path, source, "\t" if ext == ".tsv" else ",")
-        elif ext == ".parquet":
-            table = _read_parquet(path)
-            rows = _column_rows(path, source, table.column_names, lambda c: table.column(c).to_pylist())
-        else:
-            raise ValueError(f"{path}: unknown task file type {ext or '(no extension)'!r}; expected one of "
-                             f"{', '.join(EXTENSIONS)}, a datasets save_to_disk directory, or hf:NAME[@SPLIT]")
-    out, skipped = [], 0
-    for row in rows:  # (input, target) or the BadLine that stands for a malformed line
-        if isinstance(row, BadLine):
-            if not source.skip_bad_lines:
-                raise BadLine(f"{row}; fix it or pass --skip-bad-lines")
-            skipped += 1
-        else:
-            out.append((source.prefix + row[0], row[1]))
-    if stats is not None:
-        stats["skipped"] = stats.get("skipped", 0) + skipped
-    return out
-
-
-def _read_parquet(path: str):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(f"{path}: reading parquet needs pyarrow (pip install 't5kit[data]')") from None
-    try:
-        return pq.read_table(path)
-    except Exception as e:  # pyarrow's ArrowInvalid, OSError, ...
-        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
-
-
-def utf8_lines(path: str) -> Iterator[str | BadLine]:
-    """The file's lines split at b"\n" (as JSONL defines them; endings kept), a line that is not
-    UTF-8 as a BadLine naming its line and byte offset; a leading byte-order mark is dropped."""
-    offset = 0
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-                yield text.removeprefix("\ufeff") if n == 1 else text  # as spreadsheet exports write
-            except UnicodeDecodeError as e:
-                yield BadLine(f"{path}: line {n} is not UTF-8 (byte offset {offset + e.start})")
-            offset += len(raw)
-
-
-def _jsonl_rows(path: str, source: TaskSource) -> Iterator[tuple[str, str] | BadLine]:
-    for n, line in enumerate(utf8_lines(path), 1):
-        if isinstance(line, BadLine):
-            yield line
-        elif line.strip():
-            yield _jsonl_pair(path, n, line, source)
-
-
-def _jsonl_pair(path: str, n: int, line: str, source: TaskSource) -> tuple[str, str] | BadLine:
-    try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, int too long, nesting too deep
-        return BadLine(f"{path}: line {n} is not a JSON object ({str(e)[:80]})")
-    if not isinstance(obj, dict):
-        return BadLine(f"{path}: line {n} is not a JSON object (got {type(obj).__name__})")
-    pair = []
-    for field, flag in ((source.input_field, "input-field"), (source.target_field, "target-field")):
-        if field not in obj:
-            keys = ", ".join(map(str, list(obj)[:20]))
-            return BadLine(f"{path}: line {n} has no {field!r} field (keys: {keys}); set --{flag}")
-        try:
-            pair.append(_text(path, f"line {n}", field, obj[field], flag))
-        except BadLine as e:
-            return e
-    return pair[0], pair[1]
-
-
-def _csv_rows(path: str, source: TaskSource, delimiter: str) -> Iterator[tuple[str, str] | BadLine]:
-    bad = []  # lines that are not UTF-8 reach the csv reader blank, and come out here instead
-
-    def text_lines():
-        for line in utf8_lines(path):
-            if isinstance(line, BadLine):
-                bad.append(line)
-                line = "\n"
-            yield line
-
-    kind = "TSV" if delimiter == "\t" else "CSV"
-    reader = csv.reader(text_lines(), delimiter=delimiter)
-    try:
-        header = next(reader, None)
-        if bad:
-            raise ValueError(f"{bad[0]}; the header row must be readable")
-        if header is None:
-            raise ValueError(f"{path}: empty file; expected a header row naming the columns")
-        cols = []
-        for field, flag in ((source.input_field, "input-field"), (source.target_field, "target-field")):
-            if field not in header:
-                raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(header)}); set --{flag}")
-            cols.append(header.index(field))
-        for row in reader:
-            yield from bad
-            bad.clear()
-            if not row:  # blank line
-                continue
-            if len(row) != len(header):
-                yield BadLine(f"{path}: line {reader.line_num} has {len(row)} cells, the header has {len(header)}")
-                continue
-            yield row[cols[0]], row[cols[1]]
-        yield from bad
-    except csv.Error as e:  # e.g. a field over the csv module's size limit; the reader cannot go on
-        raise ValueError(f"{path}: line {reader.line_num} is not valid {kind} ({e})") from None
-
-
-def _column_rows(path: str, source: TaskSource, columns: list[str], get) -> Iterator[tuple[str, str] | BadLine]:
-    """Rows of a columnar source (parquet, datasets); `get(column)` -> list of values."""
-    values = []
-    for field, flag in ((source.input_field, "input-field"), (source.target_field, "target-field")):
-        if field not in columns:
-            raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(columns)}); set --{flag}")
-        values.append(get(field))
-    for r, (i, t) in enumerate(zip(*values), 1):
-        try:
-            yield (_text(path, f"row {r}", source.input_field, i, "input-field"),
-                   _text(path, f"row {r}", source.target_field, t, "target-field"))
-        except BadLine as e:
-            yield e
-
-
-def _datasets(path: str):
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"{path}: needs the `datasets` package (pip install 't5kit[data]')") from None
-    return datasets
-
-
-def _load_hf(spec: str):
-    """"hf:NAME[@SPLIT]" -> datasets.load_dataset(NAME, split=SPLIT or "train")."""
-    datasets = _datasets(spec)
-    name, _, split = spec[3:].partition("@")
-    try:
-        return datasets.load_dataset(name, split=split or "train")
-    except Exception as e:
-        raise ValueError(f"{spec}: could not load the dataset ({e})") from e
-
-
-def _load_from_disk(path: str):
-    datasets = _datasets(path)
-    try:
-        ds = datasets.load_from_disk(path)
-    except Exception as e:
-        raise ValueError(f"{path}: not a datasets save_to_disk directory ({e})") from None
-    if isinstance(ds, datasets.DatasetDict):  # a dict of splits: the train split, or the only one
-        if "train" not in ds and len(ds) != 1:
-            raise ValueError(f"{path}: holds splits {', '.join(ds)}; expected 'train' or a single split")
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    return ds
-
-
-# ---- tokenization with a cache ----
-
-@dataclass
-class TokenizedTask:
-    name: str
-    inputs: list[np.ndarray]    # int32 ids, each ending in EOS
-    targets: list[np.ndarray]
-    n_truncated_inputs: int
-    n_truncated_targets: int
-    n_skipped: int = 0          # malformed lines skipped (TaskSource.skip_bad_lines)
-
-
-def _source_key(path: str) -> object:
-    """What identifies the source's content: size + mtime_ns + path (every file of a directory)."""
-    if path.startswith("hf:"):
-        return path
-    _check_exists(path)
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
-    return [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
-
-
-def _truncate(ids: list[int], n: int, eos: int) -> tuple[np.ndarray, bool]:
-    """Keep the first n - 1 tokens and the EOS (as Tokenizer.encode_batch)."""
-    if len(ids) <= n:
-        return np.asarray(ids, np.int32), False
-    return np.asarray(ids[:n - 1] + [eos], np.int32), True
-
-
-def tokenize_task(source: TaskSource, tok, max_input_length: int, max_target_length: int,
-                  cache_dir: str | None = None, progress: bool = False) -> TokenizedTask:
-    """Tokenize a task once; with cache_dir the ids are kept in `<cache_dir>/<name>-<key>.npz`, keyed
-    by the source (size, mtime, path), prefix, fields, tokenizer fingerprint and lengths, so a
-    changed file or setting tokenizes again. Truncated examples are counted, never silent."""
-    for flag, n in (("max_input_length", max_input_length), ("max_target_length", max_target_length)):
-        if n < 1:
-            raise ValueError(f"{flag}={n}: expected at least 1 (room for the EOS)")
-    cache = None
-    if cache_dir is not None:
-        key = json.dumps([CACHE_VERSION, _source_key(source.path), source.prefix, source.input_field,
-                          source.target_field, source.skip_bad_lines, tok.fingerprint(), max_input_length, max_target_length])
-        safe = re.sub(r"[^\w.-]", "_", source.name)[:60]
-        cache = os.path.join(cache_dir, f"{safe}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
-        task = _load_cache(cache, source.name)
-        if task is not None:
-            return task
-    from tqdm import tqdm
-
-    inputs, targets, n_in, n_tg, stats = [], [], 0, 0, {}
-    for text, target in tqdm(read_examples(source, stats), desc=f"tokenize {source.name}", unit="ex", disable=not progress):
-        ids, cut = _truncate(tok.encode(text), max_input_length, tok.eos_id)
-        inputs.append(ids)
-        n_in += cut
-        ids, cut = _truncate(tok.encode(target), max_target_length, tok.eos_id)
-        targets.append(ids)
-        n_tg += cut
-    task = TokenizedTask(source.name, inputs, targets, n_in, n_tg, stats.get("skipped", 0))
-    if cache is not None:
-        _save_cache(cache, task)
-    return task
-
-
-def _flat(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    offsets = np.zeros(len(rows) + 1, np.int64)
-    np.cumsum([len(r) for r in rows], out=offsets[1:])
-    return (np.concatenate(rows) if rows else np.zeros(0, np.int32)), offsets
-
-
-def _save_cache(path: str, task: TokenizedTask) -> None:
-    (ins, in_off), (tgs, tg_off) = _flat(task.inputs), _flat(task.targets)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
-        np.savez(f, inputs=ins, input_offsets=in_off, targets=tgs, target_offsets=tg_off,
-                 truncated=np.array([task.n_truncated_inputs, task.n_truncated_targets], np.int64),
-                 skipped=np.array(task.n_skipped, np.int64))
-
-
-def _load_cache(path: str, name: str) -> TokenizedTask | None:
-    """The cached task, or None when there is none or it cannot be read (then it is rebuilt)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            ins, tgs = z["inputs"], z["targets"]
-            in_off, tg_off, cut, skipped = z["input_offsets"], z["target_offsets"], z["truncated"], z["skipped"]
-    except (OSError, ValueError, KeyError, EOFError):
-        return None
-    return TokenizedTask(name, np.split(ins, in_off[1:-1]) if len(in_off) > 1 else [],
-                         np.split(tgs, tg_off[1:-1]) if len(tg_off) > 1 else [], int(cut[0]), int(cut[1]),
-                         int(skipped))
-
-
-# ---- mixtures ----
 
 def mixture_rates(sizes: list[int], mode: str = "proportional", cap: int | None = None,
                   temperature: float = 1.0) -> np.ndarray:
@@ -397,8 +57,6 @@ def mixture_rates(sizes: list[int], mode: str = "proportional", cap: int | None 
     return rates
 
 
-# ---- batches ----
-
 def collate(rows: list[list[tuple[np.ndarray, np.ndarray]]], pad: int, shape: tuple[int, int] | None = None,
             segments: bool | None = None) -> dict:
     """B rows of (inputs, targets) examples -> a batch. shape=None: one example a row, padded to the
@@ -426,6 +84,36 @@ def collate(rows: list[list[tuple[np.ndarray, np.ndarray]]], pad: int, shape: tu
     return out
 
 
+def first_fit(peek: Callable, take: Callable, lengths: Callable, shape: tuple[int, int], batch_size: int,
+              pack: bool = True) -> list[list]:
+    """One batch of rows from a stream: each item, in stream order, goes into the first row with room
+    for its (input, target) `lengths` within `shape` (S, T), else into a new row; when the batch has
+    `batch_size` rows and the next item fits none, the batch is done and that item stays in the
+    stream (it opens the next batch). pack=False: one item per row. peek() -> the next item;
+    take(item) consumes it. (t5x `EncDecFeatureConverter(pack=True)` packs the same way.)
+
+    >>> items = iter([(3, 1), (2, 2), (4, 1), (1, 1), (4, 4)]); it = [next(items)]
+    >>> first_fit(lambda: it[0], lambda _: it.__setitem__(0, next(items)), lambda x: x, (5, 4), 2)
+    [[(3, 1), (2, 2)], [(4, 1), (1, 1)]]
+    """
+    rows: list[list] = []
+    used: list[list[int]] = []  # per row: [input tokens, target tokens]
+    while True:
+        item = peek()
+        a, b = lengths(item)
+        r = next((k for k, (x, y) in enumerate(used) if x + a <= shape[0] and y + b <= shape[1]), None) if pack else None
+        if r is None:
+            if len(rows) == batch_size:
+                return rows
+            rows.append([])
+            used.append([0, 0])
+            r = len(rows) - 1
+        rows[r].append(item)
+        used[r][0] += a
+        used[r][1] += b
+        take(item)
+
+
 class TaskBatches:
     """Iterator over training batches of one task or a mixture of tasks; state()/load_state() resume exactly.
 
@@ -436,7 +124,7 @@ class TaskBatches:
         length), cut into batches, and the batch order shuffled with a Generator seeded by
         (seed, chunk) -- length bucketing, so little padding; shapes vary per batch.
       pack=True: `world` batches of fixed shape (B, inputs_length) / (B, targets_length), each example
-        going into the first row with room (first-fit, as data.SpanCorruptionBatches).
+        going into the first row with room (`first_fit`, as pretraining.SpanCorruptionBatches).
     Every rank computes the same chunk and takes global batches with index % world == rank, so the
     state is the same counters on all ranks: the stream position at the chunk's start (draw index,
     per-task epoch and position), the chunk index, and the batches taken from it. Resuming
@@ -489,13 +177,11 @@ class TaskBatches:
                        "positions": [int(p) for p in state["positions"]]}
         self._mine = None
 
-    def reshard(self, states: list[dict], rank: int) -> tuple[dict, int]:
-        """The state to resume with from the (equal) states a checkpoint saved for len(states)
-        data-parallel ranks, and how many examples the change of rank count skips. A chunk is cut
-        for a rank count, so a chunk begun under another count is left at its end (exact when
+    def reshard(self, states: list[dict]) -> tuple[dict, int]:
+        """The state to resume with from the (equal) states a checkpoint saved for len(states) !=
+        world data-parallel ranks, and how many examples the change of rank count skips. A chunk is
+        cut for a rank count, so a chunk begun under another count is left at its end (exact when
         every batch of it was taken, the rule in packed mode) and the next starts fresh here."""
-        if len(states) == self.world:
-            return states[rank], 0
         state = states[0]
         if int(state["batch"]) == 0:
             return state, 0
@@ -560,24 +246,10 @@ class TaskBatches:
         self._mine, self._end = batches[self.rank::self.world], st
 
     def _packed_batch(self, st: dict) -> list[list[tuple[int, int]]]:
-        """Examples in stream order, each into the first row with room; when the batch is full,
-        the example that does not fit opens the next batch (stays in the stream)."""
-        rows: list[list[tuple[int, int]]] = []
-        used: list[list[int]] = []  # per row: [input tokens, target tokens]
-        while True:
-            p = self._peek(st)
-            a, b = self.in_len[p[0]][p[1]], self.tg_len[p[0]][p[1]]
-            r = next((k for k, (x, y) in enumerate(used) if x + a <= self.shape[0] and y + b <= self.shape[1]), None)
-            if r is None and len(rows) == self.batch_size:
-                return rows
-            if r is None:
-                rows.append([])
-                used.append([0, 0])
-                r = len(rows) - 1
-            rows[r].append(p[:2])
-            used[r][0] += a
-            used[r][1] += b
-            self._advance(st, p)
+        """The next batch of the stream at `st`, packed first-fit (`first_fit`)."""
+        rows = first_fit(lambda: self._peek(st), lambda p: self._advance(st, p),
+                         lambda p: (self.in_len[p[0]][p[1]], self.tg_len[p[0]][p[1]]), self.shape, self.batch_size)
+        return [[p[:2] for p in row] for row in rows]
 
     def __iter__(self):
         return self
@@ -599,3 +271,12 @@ def eval_batches(task: TokenizedTask, batch_size: int, pad: int = 0) -> Iterator
     batch; for validation loss. The last batch may be smaller."""
     for k in range(0, len(task.inputs), batch_size):
         yield collate([[(i, t)] for i, t in zip(task.inputs[k:k + batch_size], task.targets[k:k + batch_size])], pad)
+
+
+def resume_state(batches, states: list[dict], rank: int) -> tuple[dict, int]:
+    """What data-parallel rank `rank` resumes from, given the per-rank iterator states a checkpoint
+    saved, and how many examples the resume skips: its own state under the same rank count, else
+    `batches.reshard(states)` (each stream knows how its position maps across rank counts)."""
+    if len(states) == batches.world:
+        return states[rank], 0
+    return batches.reshard(states)

@@ -201,20 +201,17 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], max_length: int | None = None, truncation: bool = True,
                      return_tensors: bool = True):
         """-> (input_ids, attention_mask), right-padded with pad 0: (B, N) tensors, or lists.
-        Truncation keeps the first max_length - 1 tokens and the EOS."""
+        Truncation keeps the first max_length - 1 tokens and the EOS (`truncate`)."""
         rows = [self.encode(t) for t in texts]
         if max_length is not None:
             too_long = [i for i, r in enumerate(rows) if len(r) > max_length]
             if too_long and not truncation:
                 raise ValueError(f"text {too_long[0]} has {len(rows[too_long[0]])} tokens, more than max_length={max_length}")
-            rows = [r if len(r) <= max_length else r[:max_length - 1] + [EOS] for r in rows]
+            rows = [truncate_ids(r, max_length) for r in rows]
+        if return_tensors:
+            return pad_rows(rows)
         n = max((len(r) for r in rows), default=0)
-        ids = [r + [PAD] * (n - len(r)) for r in rows]
-        mask = [[1] * len(r) + [0] * (n - len(r)) for r in rows]
-        if not return_tensors:
-            return ids, mask
-        import torch
-        return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+        return [r + [PAD] * (n - len(r)) for r in rows], [[1] * len(r) + [0] * (n - len(r)) for r in rows]
 
     def decode_batch(self, rows, skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(r, skip_special_tokens) for r in (rows.tolist() if hasattr(rows, "tolist") else rows)]
@@ -229,6 +226,26 @@ class Tokenizer:
         elif self.kind == "tokenizers":
             self.backend.tk.save(os.path.join(out_dir, TOKENIZER_JSON))
         write_json(os.path.join(out_dir, "tokenizer_config.json"), _tokenizer_config(self))
+
+
+def truncate_ids(ids: list[int], max_length: int, eos: int = EOS) -> list[int]:
+    """The first max_length - 1 ids and the EOS when `ids` is longer than max_length (as transformers
+    truncates with add_special_tokens: the EOS is kept); `ids` itself otherwise.
+
+    >>> truncate_ids([5, 6, 7, 1], 3), truncate_ids([5, 1], 3)
+    ([5, 6, 1], [5, 1])
+    """
+    return ids if len(ids) <= max_length else ids[:max_length - 1] + [eos]
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad: int = PAD, device=None):
+    """Rows of ids -> (ids (B, S), attention_mask (B, S)) int64 tensors, right-padded with `pad` to the
+    longest row; mask 1 = token, 0 = padding."""
+    import torch
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    return ids.reshape(len(rows), width), (torch.arange(width, device=device)[None] < lengths[:, None]).long()
 
 
 def _read_json(path: str) -> dict:

@@ -18,7 +18,6 @@ from . import engine
 from .generation import GenerationConfig, process
 
 NEG = -1.0e9  # transformers' additive "impossible" score
-SYNC_EVERY = 16  # on GPU, the stop test (a host sync) runs every this many steps
 
 
 def _take(x: Tensor, idx: Tensor) -> Tensor:
@@ -31,7 +30,7 @@ def beam_search(model: T5, input_ids: Tensor, attention_mask: Tensor | None, cfg
                 decode_mode: str = "auto", sync_every: int | None = None) -> Tensor:
     """-> (B * num_return_sequences, <= M) ids, best first per item, padded with pad after EOS.
 
-    The stop test runs every `sync_every` steps (default: every step on CPU, SYNC_EVERY on GPU).
+    The stop test runs every `sync_every` steps (default: every step on CPU, engine.SYNC_EVERY on GPU).
     Steps after the stop cannot change the result: by then every item holds num_beams finished
     hypotheses with real scores, and what later steps offer scores near NEG, so it never enters."""
     c = model.config
@@ -39,7 +38,7 @@ def beam_search(model: T5, input_ids: Tensor, attention_mask: Tensor | None, cfg
     lp = cfg.length_penalty
     step = engine.start(model, input_ids, attention_mask, n, m, decode_mode)
     if sync_every is None:
-        sync_every = 1 if dev.type == "cpu" else SYNC_EVERY
+        sync_every = 1 if dev.type == "cpu" else engine.SYNC_EVERY
     running = torch.full((b, n, m), c.pad_token_id, dtype=torch.long, device=dev)
     running_scores = torch.zeros(b, n, device=dev)
     running_scores[:, 1:] = NEG  # all beams start identical: expand from beam 0 only

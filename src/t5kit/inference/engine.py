@@ -31,6 +31,7 @@ from ..model.t5 import T5, DecodeCache
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LENGTH_STEP = 64  # source and cache lengths round up to a multiple: fewer slots, little waste
 MAX_SLOTS = 8  # per model; each holds its cache buffers and one graph
+SYNC_EVERY = 16  # on GPU, greedy / sampling / beam loops test for finished rows (a host sync) this often
 
 
 def round_up(n: int, step: int) -> int:
@@ -208,17 +209,8 @@ class StaticDecoding:
         self.n = rows.shape[0]
         smaller = self._slot(self.n)
         if smaller is not self.slot:
-            smaller.load(_view(self.slot.cache, self.n))
+            smaller.load(self.slot.cache.head(self.n))
             self.slot.owner, self.slot = None, smaller
-
-
-def _view(cache: DecodeCache, n: int) -> DecodeCache:
-    """The first n rows of a slot's cache, as a cache to load into another slot."""
-    view = object.__new__(DecodeCache)
-    view.self_kv = [(k[:n], v[:n]) for k, v in cache.self_kv]
-    view.cross_kv = [(k[:n], v[:n]) for k, v in cache.cross_kv]
-    view.cross_bias, view.pos = cache.cross_bias[:n], cache.pos[:n]
-    return view
 
 
 def start(model: T5, input_ids: Tensor, attention_mask: Tensor | None, repeat: int, max_len: int,

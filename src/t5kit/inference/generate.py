@@ -7,7 +7,7 @@ generation.py, the per-token decode step (eager, or CUDA-graph replayed) in engi
 Speed: the encoder runs once; cross-attention K/V are computed once per request; self-attention
 K/V live in a static cache written by index; the decoder's relative bias is computed once and a
 row of it gathered per step. Rows that finish are dropped from the batch (on CPU at once, on GPU
-every `SYNC_EVERY` steps, so the loop does not wait on the device each token).
+every `engine.SYNC_EVERY` steps, so the loop does not wait on the device each token).
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..data.tokenizer import pad_rows, truncate_ids
 from ..model.t5 import T5
 from . import engine
 from .generation import GenerationConfig, next_token, process
-
-SYNC_EVERY = 16
 
 
 @torch.inference_mode()
@@ -44,7 +43,7 @@ def stream(model: T5, input_ids: Tensor, attention_mask: Tensor | None = None,
         token = next_token(cfg, history, step(history[:, -1:]), c.eos_token_id, generator)
         yield rows, token
         history = torch.cat([history, token[:, None]], 1)
-        if on_cpu or t % SYNC_EVERY == SYNC_EVERY - 1:
+        if on_cpu or t % engine.SYNC_EVERY == engine.SYNC_EVERY - 1:
             alive = token != c.eos_token_id
             if not alive.all():
                 keep = alive.nonzero().squeeze(1)
@@ -133,16 +132,14 @@ def generate_texts(model: T5, tok, texts: list[str], batch_size: int = 16, max_i
             if len(ids) > max_input_tokens:
                 if warn:
                     warn(f"prompt {i + 1}: {len(ids)} tokens truncated to {max_input_tokens}")
-                ids = ids[:max_input_tokens - 1] + [tok.eos_id]
+                ids = truncate_ids(ids, max_input_tokens, tok.eos_id)
             encoded.append((i, ids))
     encoded.sort(key=lambda x: -len(x[1]))
     device = model.shared.weight.device
     bar = tqdm(total=len(encoded), disable=not progress, unit="prompt", desc="generate")
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        width = max(len(ids) for _, ids in chunk)
-        input_ids = torch.tensor([ids + [tok.pad_id] * (width - len(ids)) for _, ids in chunk], device=device)
-        mask = (torch.arange(width, device=device)[None] < torch.tensor([len(ids) for _, ids in chunk], device=device)[:, None]).long()
+        input_ids, mask = pad_rows([ids for _, ids in chunk], tok.pad_id, device)
         out = generate(model, input_ids, mask, config=cfg, decode_mode=decode_mode).cpu()
         r = cfg.num_return_sequences
         for j, (i, _) in enumerate(chunk):

@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from ..data.tasks import TaskSource, parse_source
+from ..data.readers import TaskSource, parse_source
 from ..data.tokenizer import Tokenizer
 from ..options import option
 from ..training import checkpoint, parallel

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.store import write_parallel_corpus
+from ..data.embedded import write_parallel_corpus
 from ..data.tokenizer import train_tokenizer
 from ..options import option, to_flags
 from .evaluate import EvalConfig, evaluate

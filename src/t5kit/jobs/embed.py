@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..data.tasks import BadLine, utf8_lines
+from ..data.readers import BadLine, utf8_lines
+from ..data.tokenizer import pad_rows, truncate_ids
 from ..options import option
 from .common import resolve_model_dir, say, tokenizer_for
 
@@ -79,7 +80,7 @@ def embed(cfg: EmbedConfig, progress: bool = True) -> dict:
     truncated = sum(len(r) > cfg.max_length for r in rows)
     if truncated:
         say(f"{cfg.input}: truncated {truncated:,} of {len(rows):,} lines to --max-length {cfg.max_length} tokens")
-    rows = [r if len(r) <= cfg.max_length else r[:cfg.max_length - 1] + [tok.eos_id] for r in rows]
+    rows = [truncate_ids(r, cfg.max_length, tok.eos_id) for r in rows]
     n, c, width = len(rows), model.config.d_model, max(map(len, rows))
     dtype = model.shared.weight.dtype
     if cfg.pool == "mean":
@@ -93,10 +94,8 @@ def embed(cfg: EmbedConfig, progress: bool = True) -> dict:
     with torch.inference_mode():
         for start in range(0, n, cfg.batch_size):
             idx = torch.tensor(order[start:start + cfg.batch_size])
-            lengths = torch.tensor([len(rows[i]) for i in idx.tolist()])
-            s = int(lengths.max())
-            ids = torch.tensor([rows[i] + [tok.pad_id] * (s - len(rows[i])) for i in idx.tolist()])  # (b, s)
-            mask = (torch.arange(s)[None] < lengths[:, None]).long()  # (b, s)
+            ids, mask = pad_rows([rows[i] for i in idx.tolist()], tok.pad_id)  # (b, s) each
+            s = ids.shape[1]
             hidden = model(ids.to(cfg.device), mask.to(cfg.device))  # (b, s, C)
             if cfg.pool == "mean":
                 out["embeddings"][idx] = mean_pool(hidden, mask.to(cfg.device)).cpu()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..data.tasks import read_examples
+from ..data.readers import read_examples
 from ..options import option
 from .common import TaskFields, predict, resolve_model_dir, say, tokenizer_for
 from .metrics import check_metrics, compute

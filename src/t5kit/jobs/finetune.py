@@ -8,7 +8,9 @@ import itertools
 import os
 from dataclasses import asdict, dataclass
 
-from ..data.tasks import TaskBatches, eval_batches, mixture_rates, read_examples, tokenize_task
+from ..data.readers import read_examples
+from ..data.task_cache import tokenize_task
+from ..data.tasks import TaskBatches, eval_batches, mixture_rates
 from ..options import option
 from ..training import parallel
 from ..training.loop import FREEZE_PARTS, freeze, train, write_run_config

@@ -10,16 +10,11 @@ import itertools
 import os
 from dataclasses import asdict, dataclass
 
+from ..data.embedded import write_embedded_corpus
+from ..data.pretraining import DataConfig, SpanCorruptionBatches, raw_segments
+from ..data.readers import check_corpus
 from ..data.spans import random_spans_helper
-from ..data.store import (
-    DataConfig,
-    SpanCorruptionBatches,
-    TokenStore,
-    build_token_store,
-    check_corpus,
-    raw_segments,
-    write_embedded_corpus,
-)
+from ..data.store import TokenStore, build_token_store
 from ..data.tokenizer import train_tokenizer
 from ..options import option
 from ..training import parallel
@@ -99,7 +94,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
             raise ValueError(f"{store_dir}: a token store needs the --tokenizer it was built with")
         tok_dir = os.path.join(out, "tokenizer")
         if main:
-            from ..data.store import iter_documents
+            from ..data.readers import iter_documents
             say(f"training a {cfg.vocab_size}-piece SentencePiece tokenizer -> {tok_dir}")
             train_tokenizer((d for p in paths for d in iter_documents(p, cfg.skip_bad_lines)), cfg.vocab_size,
                             tok_dir, extra_ids=cfg.vocab_extra_ids)

@@ -317,15 +317,25 @@ class DecodeCache:
         top-left block (the bias depends on the distance only)."""
         s = max(c.cross_bias.shape[-1] for c in caches)
         longest = max(caches, key=lambda c: c.max_len)
-        out = object.__new__(DecodeCache)
-        out.cross_kv = [tuple(torch.cat([_pad_dim(c.cross_kv[i][j], 2, s) for c in caches]) for j in (0, 1))
-                        for i in range(len(caches[0].cross_kv))]
         fill = torch.finfo(caches[0].cross_bias.dtype).min
-        out.cross_bias = torch.cat([_pad_dim(c.cross_bias, 3, s, fill) for c in caches])  # (B, 1, 1, S)
-        out.self_kv = [tuple(torch.cat([_pad_dim(c.self_kv[i][j], 2, longest.max_len) for c in caches]) for j in (0, 1))
-                       for i in range(len(caches[0].self_kv))]
-        out.self_bias, out.bias_of_layer, out.max_len = longest.self_bias, longest.bias_of_layer, longest.max_len
-        out.pos = torch.cat([c.pos for c in caches])
+        return longest._like(
+            [tuple(torch.cat([_pad_dim(c.self_kv[i][j], 2, longest.max_len) for c in caches]) for j in (0, 1))
+             for i in range(len(caches[0].self_kv))],
+            [tuple(torch.cat([_pad_dim(c.cross_kv[i][j], 2, s) for c in caches]) for j in (0, 1))
+             for i in range(len(caches[0].cross_kv))],
+            torch.cat([_pad_dim(c.cross_bias, 3, s, fill) for c in caches]),  # (B, 1, 1, S)
+            torch.cat([c.pos for c in caches]))
+
+    def head(self, n: int) -> "DecodeCache":
+        """The first n rows, as views (engine.py: a slot's state moving to a smaller slot)."""
+        return self._like([(k[:n], v[:n]) for k, v in self.self_kv], [(k[:n], v[:n]) for k, v in self.cross_kv],
+                          self.cross_bias[:n], self.pos[:n])
+
+    def _like(self, self_kv, cross_kv, cross_bias: Tensor, pos: Tensor) -> "DecodeCache":
+        """A cache over the given rows' tensors that shares this one's relative bias and length."""
+        out = object.__new__(DecodeCache)
+        out.self_kv, out.cross_kv, out.cross_bias, out.pos = self_kv, cross_kv, cross_bias, pos
+        out.self_bias, out.bias_of_layer, out.max_len = self.self_bias, self.bias_of_layer, self.max_len
         out.spare_kv = None
         return out
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.tokenizer import pad_rows
 from ..inference.engine import Decoding
 from ..inference.generate import generate
 from ..inference.generation import GenerationConfig, next_token
@@ -74,7 +75,7 @@ class Job:
     def padded(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The inputs in `order`, right-padded: ids (B, S), mask (B, S)."""
         rows = [self.ids[i] for i in self.order]
-        return _pad(rows, device)
+        return pad_rows(rows, device=device)
 
     def result(self, tok, outputs: list[list[int]]) -> dict:
         """outputs: ids per row in `order` x num_return_sequences -> the answer in input order."""
@@ -84,13 +85,6 @@ class Job:
             texts[self.order[row // r]].append(tok.decode(ids))
         return {"outputs": texts, "usage": {"input_tokens": sum(map(len, self.ids)),
                                             "output_tokens": sum(map(len, outputs))}}
-
-
-def _pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)  # pad id 0
-    lengths = torch.tensor([len(r) for r in rows], device=device)
-    return ids, (torch.arange(width, device=device)[None] < lengths[:, None]).long()
 
 
 class Running:
@@ -279,7 +273,7 @@ class Scheduler:
     def _join(self, jobs: list[Job]) -> None:
         """Encode the new jobs' inputs in one pass and append their rows to the running batch."""
         rows = [job.ids[i] for job in jobs for i in job.order]
-        ids, mask = _pad(rows, self.device)
+        ids, mask = pad_rows(rows, device=self.device)
         memory = self.model.encode(ids, mask)  # (B, S, C)
         repeat = torch.tensor([job.cfg.num_return_sequences for job in jobs for _ in job.ids], device=self.device)
         memory, mask = memory.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)

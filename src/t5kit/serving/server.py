@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from functools import cache
 
-from ..data.tokenizer import Tokenizer
+from ..data.tokenizer import Tokenizer, truncate_ids
 from ..inference.cpu import for_inference
 from ..inference.generation import GenerationConfig
 from ..model.hf import resolve_dtype
@@ -246,7 +246,7 @@ def create_app(cfg: ServeConfig):
                 if not truncate:
                     raise ApiError(413, f"inputs.{i}", f"input {i} has {len(ids)} tokens, more than "
                                    f"--max-input-tokens {m}; send \"truncate\": true to keep its first {m}")
-                ids = ids[:m - 1] + [tok.eos_id]  # as `t5kit generate` truncates
+                ids = truncate_ids(ids, m, tok.eos_id)  # as `t5kit generate` truncates
             out.append(ids)
         return out
 

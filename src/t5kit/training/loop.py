@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.tasks import resume_state
 from ..model.hf import save_pretrained
 from . import checkpoint, parallel
 from .optim import OptimConfig, build_optimizer, fp32_masters, lr_at
@@ -285,7 +286,7 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
         step, data_states, saved = checkpoint.load(resume, model, optimizer, tcfg.load_optim, tcfg.load_rng,
                                                    weights_only=tcfg.finetune)
         if not tcfg.finetune:
-            state, skipped = batches.reshard(data_states, layout.dp_rank)
+            state, skipped = resume_state(batches, data_states, layout.dp_rank)
             if skipped and main:
                 print(f"t5kit: {resume}: saved by {len(data_states)} data-parallel ranks, resumed on "
                       f"{layout.dp}: the data stream continues after the furthest rank, skipping {skipped} "

@@ -290,11 +290,6 @@ def local(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if isinstance(x, DTensor) else x
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper."""
-    return getattr(module, "module", module)
-
-
 # ---- reductions and rank queries ----
 
 def active() -> bool:
