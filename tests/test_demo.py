@@ -35,13 +35,43 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     result = t5kit.demo(t5kit.DemoConfig(save=str(out), minutes=1.0, preset="tiny", vocab_size=400,
                                          micro_batch_size=16, max_length=48, test_examples=16), progress=False)
     assert result["pretrain_iters"] > 0 and result["finetune_iters"] > 0
-    for name in ("greedy", "beam4"):
-        scores = json.load(open(out / f"test_{name}.json"))
-        assert scores["n_examples"] == 16 and 0 <= scores["bleu"] <= 100 and 0 < scores["chrf"] <= 100
+    expected = {"en_fr": ("greedy", "beam4"), "fr_en": ("greedy", "beam4"), "language": ("greedy",)}
+    assert {t: tuple(d) for t, d in result["test"].items()} == expected
+    for task, decodings in expected.items():
+        for d in decodings:
+            scores = json.load(open(out / f"test_{task}_{d}.json"))
+            assert scores == result["test"][task][d] and scores["n_examples"] == 16
+            if task == "language":
+                assert 0 <= scores["accuracy"] <= 100
+            else:
+                assert 0 <= scores["bleu"] <= 100 and 0 < scores["chrf"] <= 100
     report = (out / "report.md").read_text()
-    assert "| greedy |" in report and "| beam4 |" in report and "![loss curves](loss_curves.png)" in report
+    for row in ("| English -> French | `translate English to French: ` |", "| French -> English |",
+                "| language of a verse | `language: ` |", "![loss curves](loss_curves.png)"):
+        assert row in report
+    assert "- language: " in report and "  - reference: French" in report  # samples of every task
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     commands = [line for line in report.splitlines() if line.startswith("t5kit ")]
-    assert [c.split()[1] for c in commands] == ["tokenizer", "pretrain", "finetune", "evaluate", "evaluate"]
+    assert [c.split()[1] for c in commands] == ["tokenizer", "pretrain", "finetune", *["evaluate"] * 5]
+    finetune_flags = shlex.split(commands[2])
+    assert "--pack" in finetune_flags and sum(f.startswith(str(out)) and ":" in f for f in finetune_flags) == 3
     for c in commands:  # every command in the report parses with today's flags
         build_parser().parse_args(shlex.split(c)[1:])
+
+
+def test_task_files_keep_the_book_split_and_label_the_language(tmp_path):
+    from t5kit.data.embedded import write_parallel_corpus, write_task_files
+    write_parallel_corpus(str(tmp_path), seed=0)
+    counts = write_task_files(str(tmp_path), seed=0)
+    en_fr = {s: [json.loads(line) for line in open(tmp_path / f"{s}.jsonl", encoding="utf-8")]
+             for s in ("train", "test")}
+    fr_en = [json.loads(line) for line in open(tmp_path / "fr_en" / "test.jsonl", encoding="utf-8")]
+    assert [(r["input"], r["target"]) for r in fr_en] == [(r["target"], r["input"]) for r in en_fr["test"]]
+    lang = [json.loads(line) for line in open(tmp_path / "language" / "test.jsonl", encoding="utf-8")]
+    by_ref = {r["ref"]: r for r in en_fr["test"]}
+    assert len(lang) == len(en_fr["test"]) == counts["language"]["test"]
+    for r in lang:
+        pair = by_ref[r["ref"]]
+        assert r["input"] == (pair["target"] if r["target"] == "French" else pair["input"])
+    assert 0.4 < sum(r["target"] == "French" for r in lang) / len(lang) < 0.6
+    assert 0.1 < counts["language"]["train"] / len(en_fr["train"]) < 0.15

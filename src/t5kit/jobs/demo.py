@@ -1,11 +1,15 @@
-"""`t5kit demo`: English -> French from scratch in minutes, the README's main job.
+"""`t5kit demo`: one small T5, several tasks chosen by a text prefix, from scratch in minutes: the
+README's main job, and the text-to-text idea at work (T5 paper section 2.4).
 
 The embedded corpus (World English Bible and Louis Segond 1910, aligned by verse) is split by whole
-books; one SentencePiece tokenizer learns both languages from the training books; a short
-span-corruption pretraining on that text is followed by fine-tuning on "translate English to
-French: ", then BLEU and chrF on the held-out books, greedy and beam 4. Step counts come from the
-time budget: the step time of each stage is measured first, on this machine and device.
-<save>/report.md holds the figures, samples, loss curves and the commands that redo each stage.
+books and gives three tasks: "translate English to French: ", "translate French to English: " and
+"language: " (is this verse English or French?). One SentencePiece tokenizer learns both languages
+from the training books; a short span-corruption pretraining on that text is followed by
+fine-tuning on the mixture of the three tasks (packed, examples-proportional), then each task is
+scored on the held-out books: BLEU and chrF, greedy and beam 4, for translation; accuracy for the
+language. Step counts come from the time budget: the step time of each stage is measured first, on
+this machine and device. <save>/report.md holds the per-task figures, samples, loss curves and the
+commands that redo each stage.
 """
 
 from __future__ import annotations
@@ -19,15 +23,49 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.embedded import write_parallel_corpus
+from ..atomic import write_text
+from ..data.embedded import write_parallel_corpus, write_task_files
 from ..data.tokenizer import train_tokenizer
 from ..options import option, to_flags
 from .evaluate import EvalConfig, evaluate
 from .finetune import FinetuneConfig, finetune
 from .pretrain import PretrainConfig, pretrain
 
-PREFIX = "translate English to French: "
-EVAL_SHARE = 0.08  # of the budget, for greedy and beam-4 decoding of the test books
+
+@dataclass(frozen=True)
+class Task:
+    name: str                 # its folder under <save>/data (en_fr: the parallel corpus at the top)
+    title: str
+    prefix: str
+    metrics: tuple[str, ...]
+    beams: tuple[int, ...]    # decodings scored on the test books
+    max_new_tokens: int | None = None  # None: the demo's --max-length
+
+
+TASKS = (Task("en_fr", "English -> French", "translate English to French: ", ("bleu", "chrf"), (1, 4)),
+         Task("fr_en", "French -> English", "translate French to English: ", ("bleu", "chrf"), (1, 4)),
+         Task("language", "language of a verse", "language: ", ("accuracy",), (1,), max_new_tokens=8))
+EVAL_SHARE = 0.16  # of the budget, for decoding the test books (every task, greedy and beam 4)
+VALID_PER_TASK = 200  # validation examples of each task in the mixture's validation loss
+
+
+def task_file(data: str, task: Task, split: str) -> str:
+    return os.path.join(data, f"{split}.jsonl") if task.name == "en_fr" else os.path.join(data, task.name,
+                                                                                            f"{split}.jsonl")
+
+
+def write_valid_mixture(data: str, path: str) -> int:
+    """The first VALID_PER_TASK validation examples of every task, prefixes included, in one file
+    (fine-tuning validates by the loss on all tasks at once). -> number of examples."""
+    rows = []
+    for task in TASKS:
+        with open(task_file(data, task, "valid"), encoding="utf-8") as f:
+            for line in f.readlines()[:VALID_PER_TASK]:
+                r = json.loads(line)
+                rows.append(json.dumps({"input": task.prefix + r["input"], "target": r["target"]},
+                                       ensure_ascii=False) + "\n")
+    write_text(path, "".join(rows))
+    return len(rows)
 
 
 @dataclass
@@ -39,16 +77,16 @@ class DemoConfig:
     bf16: bool = False
     no_pretrain: bool = option("skip pretraining: fine-tune from random weights for the same total time",
                                default=False)
-    pretrain_share: float = option("share of the training time spent pretraining (15 CPU minutes, greedy test "
-                                   "BLEU: 0.4 -> 1.2, 0.1 -> 2.1, none -> 3.5: the corpus is the fine-tuning text)",
-                                   default=0.1)
+    pretrain_share: float = option("share of the training time spent pretraining (EN -> FR alone, 15 CPU "
+                                   "minutes, greedy test BLEU: 0.4 -> 1.2, 0.1 -> 2.1, none -> 3.5: the corpus is "
+                                   "the fine-tuning text)", default=0.1)
     vocab_size: int = 8000
     micro_batch_size: int = 32
     pretrain_lr: float = 2e-3
     finetune_lr: float = 2e-3
     max_length: int = option("input and target tokens kept per verse", default=128)
-    test_examples: int | None = option("score the first N test verses (default: all of the held-out books)",
-                                       default=None)
+    test_examples: int | None = option("score the first N test examples of each task (default: all of the "
+                                       "held-out books)", default=None)
     seed: int = 1234
 
 
@@ -89,7 +127,8 @@ def step_seconds(preset: str, vocab: int, batch: int, inputs: int, targets: int,
 
 
 def demo(cfg: DemoConfig, progress: bool = True) -> dict:
-    """-> the test scores (greedy and beam 4), the stages' step counts and the report path."""
+    """-> per-task test scores ({task: {"greedy": {...}, "beam4": {...}}}), the stages' step counts
+    and the report path."""
     if not 0.0 <= cfg.pretrain_share < 1.0:
         raise ValueError(f"--pretrain-share {cfg.pretrain_share}: expected a value in [0, 1)")
     start = time.perf_counter()
@@ -97,6 +136,7 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
     out = cfg.save
     data = os.path.join(out, "data")
     split = write_parallel_corpus(data, seed=0)
+    split["tasks"] = {"en_fr": {k: split[k] for k in ("train", "valid", "test")}, **write_task_files(data, seed=0)}
     _say(f"{split['train']:,} / {split['valid']:,} / {split['test']:,} verse pairs for train / valid / test; "
          f"held-out books: valid {split['valid_books']}, test {split['test_books']}")
     tok_dir = os.path.join(out, "tokenizer")
@@ -107,13 +147,10 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
     vocab = -(-len(tok) // 128) * 128
 
     # budgets: EVAL_SHARE of the whole run for testing; pretraining gets cfg.pretrain_share of the
-    # training time; fine-tuning's step count is set when pretraining is done, from the time left
-    with open(os.path.join(data, "train.jsonl"), encoding="utf-8") as f:
-        lengths = [(len(tok.encode(PREFIX + r["input"])), len(tok.encode(r["target"])))
-                   for r in map(json.loads, f)]
-    typical_in, typical_tg = (min(cfg.max_length, int(np.percentile([x[k] for x in lengths], 75))) for k in (0, 1))
+    # training time; fine-tuning's step count is set when pretraining is done, from the time left.
+    # Fine-tuning packs examples into rows of the full --max-length: its step has that shape.
     common = dict(preset=cfg.preset, vocab=vocab, batch=cfg.micro_batch_size, device=cfg.device, bf16=cfg.bf16)
-    ft_step = step_seconds(inputs=typical_in, targets=typical_tg, **common)
+    ft_step = step_seconds(inputs=cfg.max_length, targets=cfg.max_length, **common)
     pt_step = step_seconds(inputs=128, targets=29, **common)  # span corruption: 128 inputs -> 29 targets
     train_end = deadline - EVAL_SHARE * 60 * cfg.minutes
     pt_iters = 0 if cfg.no_pretrain else int(cfg.pretrain_share * (train_end - time.perf_counter()) / pt_step)
@@ -133,38 +170,43 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
     pretrain(pcfg, progress=progress)  # with --no-pretrain: 0 steps, the initial weights
     commands["pretrain"] = ["t5kit", "pretrain", *to_flags(pcfg)]
     lap("pretrain")
-    ft_iters = max(1, int(0.9 * (train_end - time.perf_counter()) / ft_step))  # 10%: validation BLEU
-    _say(f"{ft_iters} fine-tuning steps")
-    fcfg = FinetuneConfig(model=os.path.join(pcfg.save, "final"), train=[os.path.join(data, "train.jsonl")],
-                          valid=os.path.join(data, "valid.jsonl"), prefix=PREFIX, max_input_length=cfg.max_length,
-                          max_target_length=cfg.max_length, micro_batch_size=cfg.micro_batch_size,
-                          train_iters=ft_iters, lr=cfg.finetune_lr, lr_warmup_iters=min(200, ft_iters // 10),
+    ft_iters = max(1, int(0.95 * (train_end - time.perf_counter()) / ft_step))  # 5%: validation loss
+    _say(f"{ft_iters} fine-tuning steps on {', '.join(t.title for t in TASKS)}")
+    valid = os.path.join(data, "valid_mixture.jsonl")
+    write_valid_mixture(data, valid)
+    fcfg = FinetuneConfig(model=os.path.join(pcfg.save, "final"),
+                          train=[f"{task_file(data, t, 'train')}:{t.prefix}" for t in TASKS], valid=valid,
+                          pack=True, max_input_length=cfg.max_length, max_target_length=cfg.max_length,
+                          micro_batch_size=cfg.micro_batch_size, train_iters=ft_iters, lr=cfg.finetune_lr,
+                          lr_warmup_iters=min(200, ft_iters // 10),
                           # a minutes-long run sees the data about twice and underfits: measured on 5-minute
                           # runs, no dropout / label smoothing gave lower validation loss than 0.1 / 0.1
-                          dropout=0.0, label_smoothing=0.0, eval_interval=-(-ft_iters // 4), eval_metric="bleu",
-                          eval_max_examples=100, save_interval=0, bf16=cfg.bf16, device=cfg.device, seed=cfg.seed,
+                          dropout=0.0, label_smoothing=0.0, eval_interval=-(-ft_iters // 4), eval_metric="loss",
+                          save_interval=0, bf16=cfg.bf16, device=cfg.device, seed=cfg.seed,
                           save=os.path.join(out, "finetune"))
     ft = finetune(fcfg, progress=progress)
     commands["finetune"] = ["t5kit", "finetune", *to_flags(fcfg)]
     lap("finetune")
 
-    scores = {}
-    for name, beams in (("greedy", 1), ("beam4", 4)):
-        ecfg = EvalConfig(model=ft["best_dir"], data=os.path.join(data, "test.jsonl"), prefix=PREFIX,
-                          metric=["bleu", "chrf"], num_beams=beams, max_new_tokens=cfg.max_length,
-                          max_input_length=cfg.max_length, max_examples=cfg.test_examples, device=cfg.device,
-                          predictions=os.path.join(out, f"test_{name}.jsonl"),
-                          output=os.path.join(out, f"test_{name}.json"))
-        scores[name] = evaluate(ecfg, progress=progress)
-        commands[f"evaluate ({name})"] = ["t5kit", "evaluate", *to_flags(ecfg)]
-        _say(f"test {name}: BLEU {scores[name]['bleu']:.2f}, chrF {scores[name]['chrf']:.2f}")
+    scores: dict[str, dict[str, dict]] = {}
+    for task in TASKS:
+        for beams in task.beams:
+            decoding = "greedy" if beams == 1 else f"beam{beams}"
+            name = f"{task.name}_{decoding}"
+            ecfg = EvalConfig(model=ft["best_dir"], data=task_file(data, task, "test"), prefix=task.prefix,
+                              metric=list(task.metrics), num_beams=beams,
+                              max_new_tokens=task.max_new_tokens or cfg.max_length, max_input_length=cfg.max_length,
+                              max_examples=cfg.test_examples, device=cfg.device,
+                              predictions=os.path.join(out, f"test_{name}.jsonl"),
+                              output=os.path.join(out, f"test_{name}.json"))
+            scores.setdefault(task.name, {})[decoding] = evaluate(ecfg, progress=progress)
+            commands[f"evaluate ({task.title}, {decoding})"] = ["t5kit", "evaluate", *to_flags(ecfg)]
+            _say(f"test {task.title} {decoding}: {_figures(scores[task.name][decoding], task)}")
     lap("test")
     minutes = (time.perf_counter() - start) / 60
-    with open(os.path.join(out, "test_greedy.jsonl"), encoding="utf-8") as f:
-        preds = [json.loads(line) for line in f]
-    samples = [preds[i] for i in np.linspace(0, len(preds) - 1, 5).astype(int)]
-    for s in samples:
-        _say(f"\n  EN  {s['input'].removeprefix(PREFIX)}\n  REF {s['target']}\n  OUT {s['prediction']}")
+    samples = {task.name: _samples(os.path.join(out, f"test_{task.name}_greedy.jsonl"), task) for task in TASKS}
+    for s in (s for rows in samples.values() for s in rows):  # inputs carry their prefix
+        _say(f"\n  IN  {s['input']}\n  REF {s['target']}\n  OUT {s['prediction']}")
     plot = plot_losses({"pretrain": pcfg.save, "finetune": fcfg.save}, os.path.join(out, "loss_curves.png"))
     report = write_report(out, cfg, split, scores, samples, commands, stages, plot,
                           {"pretrain": pt_iters, "finetune": ft_iters, "best_step": ft.get("best_step")})
@@ -174,6 +216,20 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
             "report": report}
 
 
+def _figures(scores: dict, task: Task) -> str:
+    names = {"bleu": "BLEU", "chrf": "chrF", "accuracy": "accuracy"}
+    return ", ".join(f"{names[m]} {scores[m]:.2f}" for m in task.metrics)
+
+
+def _samples(predictions: str, task: Task, n: int = 3) -> list[dict]:
+    """n predictions spread over the test set (the language task: its first n of each answer)."""
+    with open(predictions, encoding="utf-8") as f:
+        preds = [json.loads(line) for line in f]
+    if task.name == "language":
+        return [p for label in ("English", "French") for p in [p for p in preds if p["target"] == label][:2]]
+    return [preds[i] for i in np.linspace(0, len(preds) - 1, n).astype(int)]
+
+
 def plot_losses(runs: dict[str, str], path: str) -> str:
     """Training and validation loss against step, one panel per stage, from metrics.jsonl."""
     import matplotlib
@@ -181,6 +237,7 @@ def plot_losses(runs: dict[str, str], path: str) -> str:
     import matplotlib.pyplot as plt
 
     from ..atomic import atomic_path
+
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
     for ax, (stage, folder) in zip(axes[0], runs.items()):
         log = os.path.join(folder, "metrics.jsonl")
@@ -198,24 +255,25 @@ def plot_losses(runs: dict[str, str], path: str) -> str:
     return path
 
 
-def write_report(out: str, cfg: DemoConfig, split: dict, scores: dict, samples: list[dict], commands: dict,
+def write_report(out: str, cfg: DemoConfig, split: dict, scores: dict, samples: dict, commands: dict,
                  stages: dict, plot: str, steps: dict) -> str:
-    from ..atomic import write_text
+    by_name = {t.name: t for t in TASKS}
     lines = [
-        "# t5kit demo: English -> French", "",
+        "# t5kit demo: one model, three tasks chosen by a prefix", "",
         f"{sum(stages.values()) / 60:.1f} minutes (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in stages.items())
         + f") on `{cfg.device}`{' (bf16)' if cfg.bf16 else ''}; preset `{cfg.preset}`; "
-        f"pretraining {steps['pretrain']} steps, fine-tuning {steps['finetune']} steps "
-        f"(best validation BLEU at step {steps['best_step']}).", "",
-        f"Data: World English Bible -> Louis Segond 1910, aligned by verse: {split['train']:,} training, "
+        f"pretraining {steps['pretrain']} steps, fine-tuning {steps['finetune']} steps on the mixture "
+        f"(best validation loss at step {steps['best_step']}).", "",
+        f"Data: World English Bible and Louis Segond 1910, aligned by verse: {split['train']:,} training, "
         f"{split['valid']:,} validation (books {split['valid_books']}) and {split['test']:,} test verses "
         f"(books {split['test_books']}); test books are seen by no stage, tokenizer included.", "",
-        "| decoding | BLEU | chrF | test verses |", "|---|---|---|---|",
-        *(f"| {name} | {s['bleu']:.2f} | {s['chrf']:.2f} | {s['n_examples']} |" for name, s in scores.items()), "",
-        f"sacrebleu: `{scores['greedy']['sacrebleu_signature']}`", "",
+        "| task | prefix | training examples | decoding | test scores | test examples |", "|---|---|---|---|---|---|",
+        *(f"| {by_name[t].title} | `{by_name[t].prefix}` | {split['tasks'][t]['train']:,} | {d} | "
+          f"{_figures(s, by_name[t])} | {s['n_examples']} |" for t, per in scores.items() for d, s in per.items()),
+        "", f"sacrebleu: `{scores['en_fr']['greedy']['sacrebleu_signature']}`", "",
         "## Samples (greedy, test books)", "",
-        *(f"- EN: {s['input'].removeprefix(PREFIX)}\n  - reference: {s['target']}\n  - t5kit: {s['prediction']}"
-          for s in samples), "",
+        *(f"- {s['input']}\n  - reference: {s['target']}\n  - t5kit: {s['prediction']}"
+          for rows in samples.values() for s in rows), "",
         "## Loss curves", "", f"![loss curves]({os.path.basename(plot)})", "",
         "## Reproduce each stage", "", "```bash",
         *(f"# {stage}\n{shlex.join(cmd)}" for stage, cmd in commands.items()), "```", ""]
