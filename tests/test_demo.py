@@ -62,7 +62,7 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
 def test_task_files_keep_the_book_split_and_label_the_language(tmp_path):
     from t5kit.data.embedded import write_parallel_corpus, write_task_files
     write_parallel_corpus(str(tmp_path), seed=0)
-    counts = write_task_files(str(tmp_path), seed=0)
+    counts = write_task_files(str(tmp_path), str(tmp_path), seed=0)
     en_fr = {s: [json.loads(line) for line in open(tmp_path / f"{s}.jsonl", encoding="utf-8")]
              for s in ("train", "test")}
     fr_en = [json.loads(line) for line in open(tmp_path / "fr_en" / "test.jsonl", encoding="utf-8")]

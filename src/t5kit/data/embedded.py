@@ -98,16 +98,16 @@ def write_parallel_corpus(out_dir: str, source: str = "4", target: str = "l", fr
     return {**counts, "valid_books": sorted(valid_books), "test_books": sorted(test_books)}
 
 
-def write_task_files(data_dir: str, language_share: float = 0.125, seed: int = 0) -> dict:
-    """The demo's other tasks, from the parallel corpus `write_parallel_corpus` wrote in data_dir,
-    with the same whole-book splits: fr_en/{train,valid,test}.jsonl (its pairs reversed) and
-    language/{...}.jsonl (one verse each, in English or in French by a seeded coin, -> "English" /
-    "French"; of the training verses only a seeded `language_share`: an easy task needs few).
-    -> {"fr_en": {split: n}, "language": {split: n}}."""
+def write_task_files(parallel_dir: str, out_dir: str, language_share: float = 0.125, seed: int = 0) -> dict:
+    """The demo's other tasks, from the parallel corpus `write_parallel_corpus` wrote in
+    parallel_dir, with the same whole-book splits: out_dir/fr_en/{train,valid,test}.jsonl (its pairs
+    reversed) and out_dir/language/{...}.jsonl (one verse each, in English or in French by a seeded
+    coin, -> "English" / "French"; of the training verses only a seeded `language_share`: an easy
+    task needs few). -> {"fr_en": {split: n}, "language": {split: n}}."""
     rng = np.random.default_rng(seed)
     counts: dict[str, dict[str, int]] = {"fr_en": {}, "language": {}}
     for name in ("train", "valid", "test"):
-        with open(os.path.join(data_dir, f"{name}.jsonl"), encoding="utf-8") as f:
+        with open(os.path.join(parallel_dir, f"{name}.jsonl"), encoding="utf-8") as f:
             pairs = [json.loads(line) for line in f]
         french = rng.random(len(pairs)) < 0.5
         keep = rng.random(len(pairs)) < (language_share if name == "train" else 1.0)
@@ -115,7 +115,7 @@ def write_task_files(data_dir: str, language_share: float = 0.125, seed: int = 0
                 "language": [{"input": p["target"] if fr else p["input"], "target": "French" if fr else "English",
                               "ref": p["ref"]} for p, fr, k in zip(pairs, french, keep) if k]}
         for task, task_rows in rows.items():
-            with atomic_path(os.path.join(data_dir, task, f"{name}.jsonl")) as tmp, \
+            with atomic_path(os.path.join(out_dir, task, f"{name}.jsonl")) as tmp, \
                     open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in task_rows)
             counts[task][name] = len(task_rows)

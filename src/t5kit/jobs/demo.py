@@ -34,7 +34,7 @@ from .pretrain import PretrainConfig, pretrain
 
 @dataclass(frozen=True)
 class Task:
-    name: str                 # its folder under <save>/data (en_fr: the parallel corpus at the top)
+    name: str                 # its folder under <save>/data
     title: str
     prefix: str
     metrics: tuple[str, ...]
@@ -50,8 +50,7 @@ VALID_PER_TASK = 200  # validation examples of each task in the mixture's valida
 
 
 def task_file(data: str, task: Task, split: str) -> str:
-    return os.path.join(data, f"{split}.jsonl") if task.name == "en_fr" else os.path.join(data, task.name,
-                                                                                            f"{split}.jsonl")
+    return os.path.join(data, task.name, f"{split}.jsonl")
 
 
 def write_valid_mixture(data: str, path: str) -> int:
@@ -135,12 +134,14 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
     deadline = start + 60 * cfg.minutes
     out = cfg.save
     data = os.path.join(out, "data")
-    split = write_parallel_corpus(data, seed=0)
-    split["tasks"] = {"en_fr": {k: split[k] for k in ("train", "valid", "test")}, **write_task_files(data, seed=0)}
+    parallel = os.path.join(data, "en_fr")
+    split = write_parallel_corpus(parallel, seed=0)
+    split["tasks"] = {"en_fr": {k: split[k] for k in ("train", "valid", "test")},
+                      **write_task_files(parallel, data, seed=0)}
     _say(f"{split['train']:,} / {split['valid']:,} / {split['test']:,} verse pairs for train / valid / test; "
          f"held-out books: valid {split['valid_books']}, test {split['test_books']}")
     tok_dir = os.path.join(out, "tokenizer")
-    pretrain_txt = os.path.join(data, "pretrain.txt")
+    pretrain_txt = os.path.join(parallel, "pretrain.txt")
     tok = train_tokenizer([pretrain_txt], cfg.vocab_size, tok_dir)
     commands = {"tokenizer": ["t5kit", "tokenizer", "train", "--input", pretrain_txt, "--vocab-size",
                               str(cfg.vocab_size), "--out", tok_dir]}

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
 
-from ..data.readers import read_examples
+from ..data.readers import TaskSource, read_examples
 from ..data.task_cache import tokenize_task
 from ..data.tasks import TaskBatches, eval_batches, mixture_rates
 from ..options import option
@@ -74,8 +75,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     tok = tokenizer_for(model_dir, cfg.tokenizer)
     cache = os.path.join(cfg.save, "cache")
     lengths = dict(max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length)
-    tasks = [tokenize_task(cfg.source(spec), tok, cache_dir=cache, progress=progress, **lengths)
-             for spec in cfg.train]
+    tasks = [tokenize_task(source, tok, cache_dir=cache, progress=progress, **lengths)
+             for source in unique_names([cfg.source(spec) for spec in cfg.train])]
     for t in tasks:
         _report_task("train", t, cfg)
     valid = valid_texts = None
@@ -123,6 +124,18 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
                 progress=progress, resume=cfg.resume_from())
     return {**row, "final": os.path.join(cfg.save, "final"),
             "best_dir": os.path.join(cfg.save, "best") if valid else None}
+
+
+def unique_names(sources: list[TaskSource]) -> list[TaskSource]:
+    """Tasks are named by file stem in logs and cache files; files of one stem in several folders
+    (en_fr/train.jsonl, fr_en/train.jsonl) are named folder/stem instead.
+
+    >>> [s.name for s in unique_names([TaskSource("a/train.jsonl"), TaskSource("b/train.jsonl"), TaskSource("c.csv")])]
+    ['a/train', 'b/train', 'c']
+    """
+    stems = Counter(s.name for s in sources)
+    return [replace(s, name=f"{os.path.basename(os.path.dirname(os.path.abspath(s.path)))}/{s.name}")
+            if stems[s.name] > 1 and not s.path.startswith("hf:") else s for s in sources]
 
 
 def _report_task(split: str, t, cfg: FinetuneConfig) -> None:
