@@ -5,14 +5,11 @@ import csv
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_pretrain import kill9_after_checkpoint
 
 import t5kit
 from t5kit.cli import main
@@ -83,7 +80,8 @@ def test_mixture_reaches_90_percent_exact_match(tasks, tmp_path, capsys):
                      "--input-field", "src", "--target-field", "tgt", "--metric", "exact_match", "accuracy",
                      "--max-new-tokens", "8", "--output", str(out), "--predictions", str(preds)]) == 0
         scores = json.load(open(out))
-        assert set(scores) == {"exact_match", "accuracy", "n_examples"} and scores["n_examples"] == 60
+        assert set(scores) == {"exact_match", "accuracy", "n_examples", "truncated_inputs"}
+        assert scores["n_examples"] == 60 and scores["truncated_inputs"] == 0
         assert scores["exact_match"] >= 90, scores
         rows = [json.loads(line) for line in open(preds)]
         assert [r["input"] for r in rows][:2] == [prefix + src for src, *_ in _examples(2 if "copy" in name else 12, 2)]
@@ -97,17 +95,43 @@ def test_kill9_then_resume_matches_uninterrupted(tasks, tmp_path):
     assert main(_ft_args(tasks, full, 8, *extra)) == 0
     ref = {r["step"]: r["loss"] for r in _rows(full)}
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "t5kit", *_ft_args(tasks, run, 8, *extra)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "checkpoints" / "step_00000004").is_dir():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill9_after_checkpoint(_ft_args(tasks, run, 8, *extra), run, 2, 8)
     assert main(_ft_args(tasks, run, 8, *extra, "--resume")) == 0
     last = {r["step"]: r["loss"] for r in _rows(run)}  # the resumed rows come last
-    for step in range(5, 9):
+    for step in range(3, 9):
         assert abs(last[step] - ref[step]) <= 1e-6, (step, last[step], ref[step])
+
+
+def _too_long(tasks, name: str, prefix: str, limit: int) -> int:
+    """How many of a task file's inputs have more than `limit` tokens."""
+    from t5kit.data.readers import TaskSource, read_examples
+    tok = t5kit.Tokenizer.from_pretrained(tasks / "model")
+    examples = read_examples(TaskSource(str(tasks / name), prefix, "src", "tgt"))
+    return sum(len(tok.encode(i)) > limit for i, _ in examples)
+
+
+def test_evaluate_reports_truncated_inputs_once(tasks, tmp_path, capsys):
+    """Issue 17: inputs cut to --max-input-length are counted, said once and kept in the result JSON."""
+    out = tmp_path / "scores.json"
+    assert main(["evaluate", "--model", str(tasks / "model"), "--data", str(tasks / "copy_test.jsonl"), "--prefix",
+                 "copy: ", "--input-field", "src", "--target-field", "tgt", "--metric", "exact_match",
+                 "--max-new-tokens", "2", "--max-input-length", "10", "--output", str(out)]) == 0
+    n = _too_long(tasks, "copy_test.jsonl", "copy: ", 10)
+    assert 0 < n < 60 and json.loads(out.read_text())["truncated_inputs"] == n
+    err = capsys.readouterr().err
+    assert err.count("truncated") == 1 and f"truncated {n} inputs to --max-input-length 10" in err, err
+
+
+def test_validation_by_generation_reports_truncated_inputs_once_per_evaluation(tasks, tmp_path, capsys):
+    """Issue 17: fine-tuning's validation by generation says how many inputs it cut, once per evaluation."""
+    assert main(_ft_args(tasks, tmp_path / "run", 2, "--valid", f"{tasks / 'copy_valid.jsonl'}:copy: ",
+                         "--eval-metric", "exact_match", "--eval-interval", "1", "--max-input-length", "10",
+                         "--save-interval", "0")) == 0
+    n = _too_long(tasks, "copy_valid.jsonl", "copy: ", 10)
+    err = capsys.readouterr().err
+    assert 0 < n < 40 and f"valid copy_valid: 40 examples; truncated {n} inputs" in err  # the task report
+    assert err.count("validation by generation: truncated") == 2, err
+    assert err.count(f"validation by generation: truncated {n} inputs to --max-input-length 10\n") == 2, err
 
 
 def test_frozen_parts_stay_bit_identical(tasks, tmp_path):

@@ -1,4 +1,5 @@
-"""Metrics equal sacrebleu and rouge-score called directly; T5's answer normalisation."""
+"""Metrics equal sacrebleu and rouge-score called directly, with one reference or several; T5's answer
+normalisation for exact match, string equality for accuracy."""
 
 import pytest
 
@@ -41,12 +42,48 @@ def test_normalize_answer(text, want):
     assert normalize_answer(text) == want
 
 
-def test_exact_match_and_accuracy_normalise():
-    preds = ["The answer.", "acceptable", "unacceptable", "Paris"]
-    refs = ["answer", "Acceptable!", "acceptable", "paris "]
+def test_exact_match_normalises_and_accuracy_is_string_equality():
+    """exact_match: T5's SQuAD normalisation; accuracy: T5's `accuracy`, raw string equality."""
+    preds = ["The answer.", "acceptable", "unacceptable", "Paris", "Lyon"]
+    refs = ["answer", "Acceptable!", "acceptable", "paris ", "Lyon"]
     got = compute(["exact_match", "accuracy"], preds, refs)
-    assert got == {"exact_match": 75.0, "accuracy": 75.0}
+    assert got == {"exact_match": 80.0, "accuracy": 20.0}
     assert compute(["exact_match"], ["a lion"], [["tiger", "Lion"]])["exact_match"] == 100.0  # best reference
+    assert compute(["accuracy"], ["Lion", "lion"], [["tiger", "Lion"], ["Lion"]])["accuracy"] == 50.0
+
+
+MULTI = [[r, p] for r, p in zip(REFS, ["In the beginning God created the heaven.", "La terre était vide et informe",
+                                       "Il dit: que la lumière soit!", "The dogs were barking.", "La lumière fut."])]
+
+
+def test_bleu_chrf_take_several_references_as_sacrebleu_streams():
+    got = compute(["bleu", "chrf"], PREDS, MULTI)
+    streams = [[m[0] for m in MULTI], [m[1] for m in MULTI]]
+    assert got["bleu"] == sacrebleu.corpus_bleu(PREDS, streams).score
+    assert got["chrf"] == sacrebleu.corpus_chrf(PREDS, streams).score
+    assert got["bleu"] > sacrebleu.corpus_bleu(PREDS, streams[:1]).score  # the second references count
+    assert "bleu: nrefs:2|" in got["sacrebleu_signature"] and "chrf: nrefs:2|" in got["sacrebleu_signature"]
+
+
+def test_fewer_references_are_padded_by_sacrebleus_rule():
+    """An example with fewer references is padded with None, which sacrebleu drops: the same score as
+    repeating its reference (a repeated reference changes neither n-gram clipping, the closest
+    reference length nor chrF's best reference); the signature says nrefs:var."""
+    short = [MULTI[0], MULTI[1][:1], MULTI[2], MULTI[3][:1], MULTI[4]]
+    got = compute(["bleu", "chrf"], PREDS, short)
+    repeated = compute(["bleu", "chrf"], PREDS, [rs * 2 if len(rs) == 1 else rs for rs in short])
+    assert (got["bleu"], got["chrf"]) == (repeated["bleu"], repeated["chrf"])
+    assert got["bleu"] == sacrebleu.corpus_bleu(PREDS, [[r[0] for r in short],
+                                                        [r[1] if len(r) > 1 else None for r in short]]).score
+    assert "bleu: nrefs:var|" in got["sacrebleu_signature"]
+
+
+def test_rouge_takes_the_best_reference():
+    got = compute(["rouge"], PREDS, MULTI)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        want = 100 * sum(max(scorer.score(r, p)[key].fmeasure for r in rs) for p, rs in zip(PREDS, MULTI)) / len(PREDS)
+        assert got[key] == pytest.approx(want, abs=1e-12)
 
 
 def test_bad_metric_and_lengths():
@@ -56,3 +93,5 @@ def test_bad_metric_and_lengths():
         compute(["bleu"], ["a", "b"], ["a"])
     with pytest.raises(ValueError, match="no examples"):
         compute(["bleu"], [], [])
+    with pytest.raises(ValueError, match=r"example 2: references \[\]: expected a string or a non-empty list"):
+        compute(["bleu"], ["a", "b"], ["a", []])

@@ -108,30 +108,74 @@ def _losses(out):
     return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
 
 
+def kill9_after_checkpoint(argv: list[str], run, step: int, iters: int) -> int:
+    """Run `t5kit argv` in a child, SIGKILL it once checkpoint `step` is written and check that the
+    kill landed mid-run: the child died of the signal, exported no final/, and its latest checkpoint
+    is below `iters`. -> that checkpoint's step."""
+    from t5kit.training.checkpoint import latest
+    proc = subprocess.Popen([sys.executable, "-m", "t5kit", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (run / "checkpoints" / f"step_{step:08d}").is_dir():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the child ended before the kill: nothing was interrupted"
+    assert not (run / "final").exists()
+    saved = int(os.path.basename(latest(str(run))).split("_")[1])
+    assert step <= saved < iters
+    return saved
+
+
 @pytest.mark.slow
 def test_kill9_then_resume_matches_uninterrupted(corpus, tmp_path):
     full = tmp_path / "full"
     assert main(_pretrain_args(corpus, full, 8)) == 0
     ref = _losses(full)
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "t5kit", *_pretrain_args(corpus, run, 8)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = run / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpts.exists() and (ckpts / "step_00000004").is_dir()):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert any(ckpts.glob("step_*"))
+    kill9_after_checkpoint(_pretrain_args(corpus, run, 8), run, 2, 8)
     assert main(_pretrain_args(corpus, run, 8, ["--resume"])) == 0
-    got = _losses(run)  # rows after the resume point overwrite nothing: the log is appended
-    resumed = [json.loads(l) for l in open(run / "metrics.jsonl")]
-    last = {}
-    for r in resumed:
-        last[r["step"]] = r["loss"]
-    for step in range(5, 9):
-        assert abs(last[step] - ref[step]) <= 1e-6, (step, last[step], ref[step])
-    assert got and (run / "final" / "model.safetensors").exists() and (run / "final" / "spiece.model").exists()
+    got = _losses(run)  # the log is appended: the resumed run's rows come last and win
+    for step in range(3, 9):
+        assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])
+    assert (run / "final" / "model.safetensors").exists() and (run / "final" / "spiece.model").exists()
+
+
+def _evals(out):
+    """step -> eval_loss, the last row of each step winning (a resumed run appends to the log)."""
+    return {r["step"]: r["eval_loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
+            if "eval_loss" in r}
+
+
+def test_held_out_loss_is_on_fixed_batches(corpus, tmp_path):
+    """Issue 17: every evaluation reads the same --eval-iters held-out batches, so an unchanged
+    model (--lr 0) reports the same eval_loss each time."""
+    out = tmp_path / "still"
+    assert main(_pretrain_args(corpus, out, 3, ["--lr", "0", "--eval-interval", "1", "--eval-iters", "3"])) == 0
+    losses = _evals(out)
+    assert sorted(losses) == [1, 2, 3] and len(set(losses.values())) == 1, losses
+
+
+def test_no_held_out_batch_is_an_error(corpus, tmp_path, capsys):
+    assert main(_pretrain_args(corpus, tmp_path / "x", 2, ["--eval-interval", "1", "--eval-iters", "0"])) == 2
+    assert "--eval-iters 0: expected at least 1 held-out batch" in capsys.readouterr().err
+
+
+def test_held_out_batches_resume_from_the_checkpoint(corpus, tmp_path):
+    """A run stopped at step 3 (--exit-interval) and resumed with another micro-batch size (whose
+    own held-out batches would have 2 rows, not 4) evaluates at steps 4 and 6 on the batches the run
+    began with, kept in the checkpoint: the eval_loss of the uninterrupted run."""
+    import torch
+    flags = ["--eval-interval", "2", "--eval-iters", "3", "--drop-remainders"]  # the same examples per step
+    full, run = tmp_path / "full", tmp_path / "run"
+    assert main(_pretrain_args(corpus, full, 6, flags)) == 0
+    assert main(_pretrain_args(corpus, run, 6, [*flags, "--exit-interval", "3"])) == 0
+    held_out = torch.load(run / "checkpoints" / "step_00000003" / "extra.pt", weights_only=False)["evaluation"]
+    assert [b["input_ids"].shape for b in held_out] == [(4, 32)] * 3
+    assert main(_pretrain_args(corpus, run, 6, [*flags, "--resume", "--micro-batch-size", "2"])) == 0
+    want, got = _evals(full), _evals(run)
+    assert sorted(got) == sorted(want) == [2, 4, 6]
+    for step in (4, 6):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
 
 
 def test_resume_with_other_shape_is_an_error(corpus, tmp_path, capsys):

@@ -440,3 +440,18 @@ def _rows_any(batch):
         starts = [k for k in range(len(row)) if seg[k] and (k == 0 or seg[k] != seg[k - 1])]
         out += [(row[k], row[k + 1]) for k in starts]
     return out
+
+
+def test_list_targets_are_several_references(tmp_path, sp_tok):
+    """A JSON array (or list cell) target is a list of references; training tokenizes the first."""
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"input": "q1", "target": ["a b", "c"]}\n{"input": "q2", "target": "d"}\n')
+    assert read_examples(TaskSource(str(path))) == [("q1", ["a b", "c"]), ("q2", "d")]
+    task = tokenize_task(TaskSource(str(path)), sp_tok, 16, 16)
+    assert task.targets[0].tolist() == sp_tok.encode("a b") and task.targets[1].tolist() == sp_tok.encode("d")
+    path.write_text('{"input": "q1", "target": []}\n')
+    with pytest.raises(ValueError, match="line 1 field 'target' is an empty list"):
+        read_examples(TaskSource(str(path)))
+    path.write_text('{"input": "q1", "target": ["a", null]}\n')
+    with pytest.raises(ValueError, match="line 1 item 1 has no 'target' field of text"):
+        read_examples(TaskSource(str(path)))

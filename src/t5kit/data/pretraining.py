@@ -1,6 +1,7 @@
 """Span-corruption batches for pretraining: a token store's documents, concatenated in groups and
 cut into raw segments (`raw_segments`), each span-corrupted (spans.py) into fixed-shape batches,
-short group tails packed first-fit (tasks.first_fit); resumable, sharded by rank, reshardable."""
+short group tails packed first-fit (tasks.first_fit); resumable, sharded by rank, reshardable; and
+the fixed held-out evaluation set (`held_out_batches`)."""
 
 from __future__ import annotations
 
@@ -112,3 +113,12 @@ class SpanCorruptionBatches:
         rows = first_fit(self._peek, self._take, lambda ex: (len(ex[0]), len(ex[1])), shape, self.batch_size,
                          self.pack)
         return collate(rows, self.pad, shape, self.pack)
+
+
+def held_out_batches(tokens: np.ndarray, segments: np.ndarray, cfg: DataConfig, first_sentinel: int, batch_size: int,
+                     n: int, **kw) -> list[dict]:
+    """A fixed evaluation set: the first `n` batches of the segments' stream as one process reads it
+    (rank 0 of 1), so every layout evaluates the same batches, given whole to every rank (the
+    training loop splits them over the data-parallel ranks and keeps them in checkpoints)."""
+    stream = SpanCorruptionBatches(tokens, segments, cfg, first_sentinel, batch_size, **kw)
+    return [next(stream) for _ in range(n)]

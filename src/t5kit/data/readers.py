@@ -154,8 +154,20 @@ def _text(path: str, where: str, field: str, value, flag: str) -> str:
                   f"{str(value)[:40]}); set --{flag}")
 
 
-def read_examples(source: TaskSource, stats: dict | None = None) -> list[tuple[str, str]]:
-    """(prefix + input, target) pairs in file order. A malformed line or row is an error naming the
+def _targets(path: str, where: str, field: str, value, flag: str) -> str | list[str]:
+    """A target: text as `_text` reads it, or a non-empty list of such texts (several references,
+    as SQuAD's answers or a multi-reference translation set: BLEU, chrF and ROUGE use them all,
+    training the first)."""
+    if not isinstance(value, (list, tuple)):
+        return _text(path, where, field, value, flag)
+    if not value:
+        raise BadLine(f"{path}: {where} field {field!r} is an empty list; expected a text or a list of texts")
+    return [_text(path, f"{where} item {k}", field, v, flag) for k, v in enumerate(value)]
+
+
+def read_examples(source: TaskSource, stats: dict | None = None) -> list[tuple[str, str | list[str]]]:
+    """(prefix + input, target) pairs in file order; a target that is a JSON array or a list cell
+    is a list of references. A malformed line or row is an error naming the
     file and line (row), or with source.skip_bad_lines is skipped and counted in stats['skipped']."""
     path = source.path
     if path.startswith("hf:") or os.path.isdir(path):
@@ -214,12 +226,13 @@ def _jsonl_pair(path: str, n: int, line: str, source: TaskSource) -> tuple[str, 
     if not isinstance(obj, dict):
         return BadLine(f"{path}: line {n} is not a JSON object (got {type(obj).__name__})")
     pair = []
-    for field, flag in ((source.input_field, "input-field"), (source.target_field, "target-field")):
+    for field, flag, read in ((source.input_field, "input-field", _text),
+                              (source.target_field, "target-field", _targets)):
         if field not in obj:
             keys = ", ".join(map(str, list(obj)[:20]))
             return BadLine(f"{path}: line {n} has no {field!r} field (keys: {keys}); set --{flag}")
         try:
-            pair.append(_text(path, f"line {n}", field, obj[field], flag))
+            pair.append(read(path, f"line {n}", field, obj[field], flag))
         except BadLine as e:
             return e
     return pair[0], pair[1]
@@ -272,7 +285,7 @@ def _column_rows(path: str, source: TaskSource, columns: list[str], get) -> Iter
     for r, (i, t) in enumerate(zip(*values), 1):
         try:
             yield (_text(path, f"row {r}", source.input_field, i, "input-field"),
-                   _text(path, f"row {r}", source.target_field, t, "target-field"))
+                   _targets(path, f"row {r}", source.target_field, t, "target-field"))
         except BadLine as e:
             yield e
 

@@ -60,7 +60,8 @@ def tokenize_task(source: TaskSource, tok, max_input_length: int, max_target_len
 
     inputs, targets, n_in, n_tg, stats = [], [], 0, 0, {}
     for text, target in tqdm(read_examples(source, stats), desc=f"tokenize {source.name}", unit="ex", disable=not progress):
-        ids, labels = tok.encode(text), tok.encode(target)
+        # several references: train on the first (T5's SQuAD preprocessing takes answers[0])
+        ids, labels = tok.encode(text), tok.encode(target if isinstance(target, str) else target[0])
         inputs.append(np.asarray(truncate_ids(ids, max_input_length, tok.eos_id), np.int32))
         targets.append(np.asarray(truncate_ids(labels, max_target_length, tok.eos_id), np.int32))
         n_in += len(ids) > max_input_length

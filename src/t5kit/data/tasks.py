@@ -12,7 +12,7 @@ decoder_segment_ids (B, T), 1-based per row, 0 = padding.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -271,6 +271,28 @@ def eval_batches(task: TokenizedTask, batch_size: int, pad: int = 0) -> Iterator
     batch; for validation loss. The last batch may be smaller."""
     for k in range(0, len(task.inputs), batch_size):
         yield collate([[(i, t)] for i, t in zip(task.inputs[k:k + batch_size], task.targets[k:k + batch_size])], pad)
+
+
+def rank_share(batches: Iterable[dict], rank: int, world: int) -> Iterator[dict]:
+    """Data-parallel rank `rank`'s share of an evaluation set given whole, in the same order, to
+    every rank: batches rank, rank + world, ..., then, on a rank one batch short of the others, a
+    copy of the first batch with every label -100, which counts no target token. So every rank runs
+    the same number of forwards, ceil(n / world): under FSDP each forward all-gathers parameters
+    with every other rank, and a rank with one batch more would wait forever (issue 17; FSDP2
+    expects every rank to run every forward, pytorch/pytorch#152964).
+
+    >>> batches = [{"labels": np.full((1, 2), k)} for k in range(3)]
+    >>> [[int(b["labels"][0, 0]) for b in rank_share(batches, r, 2)] for r in (0, 1)]
+    [[0, 2], [1, -100]]
+    """
+    n, first = 0, None
+    for n, batch in enumerate(batches, 1):
+        if first is None:
+            first = batch
+        if (n - 1) % world == rank:
+            yield batch
+    if n % world and rank >= n % world:
+        yield {**first, "labels": np.full_like(first["labels"], -100)}
 
 
 def resume_state(batches, states: list[dict], rank: int) -> tuple[dict, int]:

@@ -19,9 +19,11 @@ from ..training.optim import OptimConfig
 
 
 def say(msg: str) -> None:
-    """A progress line on stderr, from the main process only."""
+    """A progress line on stderr, from the main process only; above a running progress bar, not
+    inside it (`tqdm.write`)."""
+    from tqdm import tqdm
     if parallel.is_main():
-        print(f"t5kit: {msg}", file=sys.stderr)
+        tqdm.write(f"t5kit: {msg}", file=sys.stderr)
 
 
 # ---- shared preparation ----
@@ -161,9 +163,13 @@ class TaskFields:
         return parse_source(spec, self.prefix, self.input_field, self.target_field, self.skip_bad_lines)
 
 
-def predict(model, tok, inputs: list[str], batch_size: int, progress: bool = False, **gen) -> list[str]:
+def predict(model, tok, inputs: list[str], batch_size: int, progress: bool = False,
+            **gen) -> tuple[list[str], int]:
     """Generate one output per input (length-sorted batches, input order kept); an empty input
-    gets an empty prediction."""
+    gets an empty prediction. -> (predictions, how many inputs were truncated to `max_input_tokens`:
+    their first max_input_tokens - 1 tokens and EOS), the count for the caller to report once."""
     from ..inference.generate import generate_texts
-    results = generate_texts(model, tok, inputs, batch_size=batch_size, progress=progress, **gen)
-    return [r.outputs[0] if r.outputs else "" for r in results]
+    truncated: list[str] = []  # generate_texts' warning per truncated prompt
+    results = generate_texts(model, tok, inputs, batch_size=batch_size, progress=progress, warn=truncated.append,
+                             **gen)
+    return [r.outputs[0] if r.outputs else "" for r in results], len(truncated)

@@ -31,8 +31,9 @@ class EvalConfig(TaskFields):
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
-    """-> {metric: score, ..., "n_examples": n[, "sacrebleu_signature": ...]}, also written to
-    cfg.output; predictions to cfg.predictions."""
+    """-> {metric: score, ..., "n_examples": n, "truncated_inputs": inputs cut to --max-input-length
+    (their first tokens and EOS)[, "sacrebleu_signature": ...]}, also written to cfg.output;
+    predictions to cfg.predictions."""
     from ..atomic import write_json, write_text
     from ..inference.cpu import for_inference
     from ..model.hf import from_pretrained, resolve_dtype
@@ -51,10 +52,13 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     tok = tokenizer_for(model_dir, cfg.tokenizer)
     model = for_inference(from_pretrained(T5, model_dir, dtype=resolve_dtype(cfg.dtype), device=cfg.device))
     tok.check_model_vocab(model.config.vocab_size, f"{model_dir}/config.json")
-    preds = predict(model, tok, [i for i, _ in examples], cfg.batch_size, progress=progress,
-                    num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, max_input_tokens=cfg.max_input_length)
+    preds, cut = predict(model, tok, [i for i, _ in examples], cfg.batch_size, progress=progress,
+                         num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                         max_input_tokens=cfg.max_input_length)
+    if cut:
+        say(f"{source.path}: truncated {cut:,} inputs to --max-input-length {cfg.max_input_length}")
     scores = compute(cfg.metric, preds, [t for _, t in examples])
-    result = {**scores, "n_examples": len(examples)}
+    result = {**scores, "n_examples": len(examples), "truncated_inputs": cut}
     if cfg.predictions:
         write_text(cfg.predictions, "".join(json.dumps({"input": i, "target": t, "prediction": p}, ensure_ascii=False)
                                             + "\n" for (i, t), p in zip(examples, preds)))

@@ -4,7 +4,6 @@ validated by loss or a generation metric; writes <save>/best and <save>/final in
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -107,13 +106,17 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         say(f"{model_dir}: {model.config.num_params():,} parameters ({n_frozen:,} frozen); {describe(layout, cfg)}")
 
     def evaluator(m) -> dict:
-        shard = itertools.islice(eval_batches(valid, cfg.eval_batch_size), rank, None, world)
-        row = loss_eval(m, shard, layout.device, cfg.bf16)
+        # every rank is given the whole set and runs its share, padded to the same number of forwards
+        row = loss_eval(m, eval_batches(valid, cfg.eval_batch_size), layout.device, cfg.bf16, rank, world)
         if gen_metric:
             with parallel.gathered(m):  # generation calls layers outside their forward
-                preds = predict(m, tok, [i for i, _ in valid_texts[rank::world]], cfg.eval_batch_size,
-                                num_beams=cfg.eval_num_beams, max_new_tokens=cfg.max_target_length,
-                                max_input_tokens=cfg.max_input_length)
+                preds, cut = predict(m, tok, [i for i, _ in valid_texts[rank::world]], cfg.eval_batch_size,
+                                     num_beams=cfg.eval_num_beams, max_new_tokens=cfg.max_target_length,
+                                     max_input_tokens=cfg.max_input_length)
+            (cut,) = parallel.sum_all(cut)
+            if cut:
+                say(f"validation by generation: truncated {int(cut):,} inputs to --max-input-length "
+                    f"{cfg.max_input_length}")
             shares = parallel.gather(preds)  # rank r generated examples r, r + world, ...
             preds = [shares[i % world][i // world] for i in range(len(valid_texts))]
             scores = compute(gen_metric, preds, [t for _, t in valid_texts])

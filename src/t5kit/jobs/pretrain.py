@@ -6,20 +6,18 @@ given), or with no --data-path the embedded corpus and a small model that trains
 
 from __future__ import annotations
 
-import itertools
 import os
 from dataclasses import asdict, dataclass
 
 from ..data.embedded import write_embedded_corpus
-from ..data.pretraining import DataConfig, SpanCorruptionBatches, raw_segments
+from ..data.pretraining import DataConfig, SpanCorruptionBatches, held_out_batches, raw_segments
 from ..data.readers import check_corpus
 from ..data.spans import random_spans_helper
 from ..data.store import TokenStore, build_token_store
 from ..data.tokenizer import train_tokenizer
 from ..options import option
 from ..training import parallel
-from ..training.loop import evaluate as loss_eval
-from ..training.loop import train, write_run_config
+from ..training.loop import HeldOut, train, write_run_config
 from .common import LoopConfig, describe, load_model, resolve_model_dir, say, setup, tokenizer_for
 
 MEGATRON_MODEL = {"encoder_num_layers": "num_layers", "decoder_num_layers": "num_decoder_layers",
@@ -49,7 +47,9 @@ class PretrainConfig(LoopConfig):
     max_position_embeddings: int | None = option("checked (>= --seq-length), otherwise unused: T5 has "
                                                  "relative positions", default=None)
     z_loss: float = 0.0
-    eval_iters: int = 4
+    eval_iters: int = option("held-out batches (of min(--micro-batch-size, 4) rows) evaluated every --eval-interval: "
+                             "the same ones each time, split over the data-parallel ranks, kept in checkpoints (a "
+                             "resumed run evaluates on its checkpoint's)", default=4)
     workers: int = 1
     skip_bad_lines: bool = option("skip (and count) corpus lines that are not UTF-8", default=False)
     drop_remainders: bool = option("drop short group tails instead of packing them", default=False)
@@ -76,6 +76,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     if cfg.max_position_embeddings is not None and cfg.max_position_embeddings < cfg.seq_length:
         raise ValueError(f"--max-position-embeddings {cfg.max_position_embeddings} < --seq-length "
                          f"{cfg.seq_length} (T5 uses relative positions; the flag is only checked)")
+    if cfg.eval_interval and cfg.eval_iters < 1:
+        raise ValueError(f"--eval-iters {cfg.eval_iters}: expected at least 1 held-out batch (--eval-interval 0 "
+                         f"turns evaluation off)")
     # data: an existing token store, text files to tokenize, or the embedded corpus
     paths = list(cfg.data_path or [])
     store_dir = paths[0] if len(paths) == 1 and os.path.isfile(os.path.join(paths[0], "header.json")) else None
@@ -119,15 +122,16 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
             model = T5(base.replace(vocab_size=-(-len(tok) // 128) * 128, dropout_rate=0.0, **shape))
     model_cfg = model.config
     tok.check_model_vocab(model_cfg.vocab_size, "model")
-    # the last ~2% of segments (by corpus position) are held out for eval, disjoint from training
+    # the last ~2% of segments (by corpus position) are held out for eval, disjoint from training; the
+    # first --eval-iters batches of them are evaluated every time, alike under every layout (issue 17)
     dcfg = DataConfig(inputs_length=cfg.seq_length, seed=cfg.seed)
     segments = raw_segments(store.offsets, random_spans_helper(dcfg.inputs_length)[0])
     n_eval = max(8, len(segments) // 50)
-    common = dict(eos=tok.eos_id, pad=tok.pad_id, pack=not cfg.drop_remainders, rank=layout.dp_rank, world=layout.dp)
+    common = dict(eos=tok.eos_id, pad=tok.pad_id, pack=not cfg.drop_remainders)
     batches = SpanCorruptionBatches(store.tokens, segments[:-n_eval], dcfg, tok.sentinel_id(0), cfg.micro_batch_size,
-                                    **common)
-    held_out = SpanCorruptionBatches(store.tokens, segments[-n_eval:], dcfg, tok.sentinel_id(0),
-                                     min(cfg.micro_batch_size, 4), **common)
+                                    rank=layout.dp_rank, world=layout.dp, **common)
+    held_out = HeldOut(held_out_batches(store.tokens, segments[-n_eval:], dcfg, tok.sentinel_id(0),
+                                        min(cfg.micro_batch_size, 4), cfg.eval_iters, **common), layout, cfg.bf16)
     if cfg.decoder_seq_length is not None and cfg.decoder_seq_length < batches.targets_length:
         raise ValueError(f"--decoder-seq-length {cfg.decoder_seq_length} < {batches.targets_length}, the "
                          f"targets length span corruption gives for --seq-length {cfg.seq_length}")
@@ -139,10 +143,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
              f"segments ({'short ones packed' if batches.pack else 'short ones dropped'}); unigram baseline "
              f"{unigram_entropy(store.tokens):.3f} nats/token")
 
-    def evaluator(m):
-        return loss_eval(m, itertools.islice(held_out, cfg.eval_iters), layout.device, cfg.bf16)
-
-    row = train(model, batches, evaluator, tcfg, ocfg, tokenizer=tok, layout=layout, progress=progress,
+    row = train(model, batches, held_out, tcfg, ocfg, tokenizer=tok, layout=layout, progress=progress,
                 resume=cfg.resume_from())
     return {**row, "final": os.path.join(out, "final")}
 

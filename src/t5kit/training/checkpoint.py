@@ -5,7 +5,8 @@ One directory per step, `<save>/checkpoints/step_00000042/`:
   once). Loading reshards to whatever layout loads it: 2 FSDP ranks -> 1 process, TP 2 -> TP 1,
   DDP -> FSDP;
 - `extra.pt`: step, model config, the saving layout, the loop's trainer state, the data-iterator
-  state of every data-parallel rank and the RNG states of every rank.
+  state of every data-parallel rank, the RNG states of every rank and, for an evaluator over fixed
+  batches (pretraining's held-out set, `loop.HeldOut`), those batches.
 
 Atomic: everything is written into `step_N.tmp/` and renamed once every rank has finished, so a
 crash or a full disk mid-save leaves the previous checkpoint the latest. The last `keep` are
@@ -46,10 +47,11 @@ def _set_rng_state(rng: dict) -> None:
 
 
 def save(folder: str, step: int, model, optimizer, data_states: list[dict], keep: int = 3,
-         trainer: dict | None = None, layout: dict | None = None) -> str:
+         trainer: dict | None = None, layout: dict | None = None, evaluation=None) -> str:
     """Called on every rank. model: the parallelised model (not a DDP wrapper); data_states: one
     iterator state per data-parallel rank, in rank order; trainer: the loop's own small state
-    (best evaluation so far, evaluations without improvement); layout: how the run was split."""
+    (best evaluation so far, evaluations without improvement); layout: how the run was split;
+    evaluation: the evaluator's state (its fixed batches, alike on every rank), or None."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -67,7 +69,7 @@ def save(folder: str, step: int, model, optimizer, data_states: list[dict], keep
         rngs = parallel.gather(_rng_state(), data_parallel=False)
         if main:
             extra = {"step": step, "config": model.config.to_hf_json(), "data": data_states,
-                     "trainer": trainer or {}, "rng": rngs, "layout": layout or {}}
+                     "trainer": trainer or {}, "rng": rngs, "layout": layout or {}, "evaluation": evaluation}
             with atomic_path(os.path.join(tmp, EXTRA)) as t:
                 torch.save(extra, t)
     except BaseException as e:
@@ -113,12 +115,13 @@ def read_extra(path: str) -> dict:
 
 
 def load(path: str, model, optimizer, load_optim: bool = True, load_rng: bool = True,
-         weights_only: bool = False) -> tuple[int, list[dict], dict]:
+         weights_only: bool = False) -> tuple[int, list[dict], dict, object]:
     """Restore a checkpoint into the (parallelised) model and optimizer, on every rank; -> (step,
-    per-data-parallel-rank iterator states, trainer state). The model shape must match.
-    weights_only (Megatron's --finetune): the model alone, step 0, no data or trainer state;
-    load_optim / load_rng False (--no-load-optim / --no-load-rng) skip those states. The RNG
-    states are per rank: a rank that did not exist when saving keeps its fresh seeding."""
+    per-data-parallel-rank iterator states, trainer state, evaluator state or None). The model
+    shape must match. weights_only (Megatron's --finetune): the model alone, step 0, no data,
+    trainer or evaluator state; load_optim / load_rng False (--no-load-optim / --no-load-rng) skip
+    those states. The RNG states are per rank: a rank that did not exist when saving keeps its
+    fresh seeding."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -142,7 +145,7 @@ def load(path: str, model, optimizer, load_optim: bool = True, load_rng: bool = 
     if with_optim:
         set_optimizer_state_dict(model, optimizer, state["optim"])
     if weights_only:
-        return 0, [], {}
+        return 0, [], {}, None
     if load_rng and parallel.rank() < len(extra["rng"]):
         _set_rng_state(extra["rng"][parallel.rank()])
-    return extra["step"], extra["data"], extra.get("trainer", {})
+    return extra["step"], extra["data"], extra.get("trainer", {}), extra.get("evaluation")

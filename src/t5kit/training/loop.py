@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.tasks import resume_state
+from ..data.tasks import rank_share, resume_state
 from ..model.hf import save_pretrained
 from . import checkpoint, parallel
 from .optim import OptimConfig, build_optimizer, fp32_masters, lr_at
@@ -215,17 +215,40 @@ class TokenStats(torch.autograd.Function):
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, bf16: bool) -> dict:
-    """Loss and token accuracy over the batches (a finite iterable), summed over ranks."""
+def evaluate(model, batches, device, bf16: bool, rank: int = 0, world: int = 1) -> dict:
+    """Loss and token accuracy over an evaluation set, summed over the data-parallel ranks.
+    `batches` is the whole set (a finite iterable), in the same order on every rank; data-parallel
+    rank `rank` of `world` runs its share, padded so that every rank runs the same number of
+    forwards (`tasks.rank_share`: under FSDP a rank with one forward more would wait forever)."""
     model.eval()
     total, tokens, correct = 0.0, 0, 0
-    for batch in batches:
+    for batch in rank_share(batches, rank, world):
         with _autocast(device, bf16), parallel.vocab_parallel():
             loss, n, c = loss_terms(model, _tensors(batch, device))
         total, tokens, correct = total + loss.item(), tokens + n.item(), correct + c.item()
     total, tokens, correct = parallel.sum_all(total, tokens, correct)
     model.train()
     return {"eval_loss": total / max(tokens, 1), "eval_accuracy": correct / max(tokens, 1)}
+
+
+class HeldOut:
+    """An evaluator over fixed batches: the same evaluation set at every evaluation, so that two
+    evaluations of an unchanged model report the same loss (issue 17). `batches` is the whole set,
+    alike on every rank (`evaluate` splits it over the data-parallel ranks). `train` keeps it in
+    checkpoints through `state()` / `load_state()`: a resumed run evaluates on the batches the run
+    began with, whatever its number of ranks or micro-batch size."""
+
+    def __init__(self, batches: list[dict], layout: parallel.Layout, bf16: bool):
+        self.batches, self.layout, self.bf16 = batches, layout, bf16
+
+    def __call__(self, model) -> dict:
+        return evaluate(model, self.batches, self.layout.device, self.bf16, self.layout.dp_rank, self.layout.dp)
+
+    def state(self) -> list[dict]:
+        return self.batches
+
+    def load_state(self, batches: list[dict]) -> None:
+        self.batches = batches
 
 
 def _autocast(device, bf16: bool):
@@ -261,7 +284,9 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
     The model is parallelised here for `layout` (parallel.apply: tensor parallelism, activation
     checkpointing, FSDP2 or DDP), on every rank; `batches` are this data-parallel rank's.
     evaluator(model) -> {"eval_loss": ..., ...} runs every `eval_interval` steps and at the end, on
-    every rank (it reduces over ranks itself); `tcfg.monitor` names the key that picks <out>/best."""
+    every rank (it reduces over ranks itself); `tcfg.monitor` names the key that picks <out>/best.
+    An evaluator with `state()` / `load_state()` (`HeldOut`) has its evaluation set kept in the
+    checkpoints and restored on resume."""
     from tqdm import tqdm
 
     device = layout.device
@@ -283,8 +308,10 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
     step, trainer = 0, {"best": None, "best_step": None, "bad_evals": 0}
     main = parallel.is_main()
     if resume:
-        step, data_states, saved = checkpoint.load(resume, model, optimizer, tcfg.load_optim, tcfg.load_rng,
-                                                   weights_only=tcfg.finetune)
+        step, data_states, saved, eval_state = checkpoint.load(resume, model, optimizer, tcfg.load_optim,
+                                                               tcfg.load_rng, weights_only=tcfg.finetune)
+        if eval_state is not None and hasattr(evaluator, "load_state"):
+            evaluator.load_state(eval_state)
         if not tcfg.finetune:
             state, skipped = resume_state(batches, data_states, layout.dp_rank)
             if skipped and main:
@@ -369,7 +396,7 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
         if stop or leave or (tcfg.save_interval and step % tcfg.save_interval == 0):
             data_states = parallel.gather(batches.state())  # ranks may have consumed different counts
             checkpoint.save(ckpt_dir, step, model, optimizer, data_states, tcfg.keep_checkpoints, trainer,
-                            layout_info)
+                            layout_info, evaluator.state() if hasattr(evaluator, "state") else None)
         if leave:
             bar.write(f"step {step}: {leave}: checkpoint saved, exiting (run the same command to continue)")
         if stop or leave:
