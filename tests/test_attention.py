@@ -199,6 +199,42 @@ def test_dense_training_bias_is_the_table_bias_and_reaches_the_table():
         assert (attend(q, k, v, FlexBias(bm, dense=dense.dense.detach())) - attend(q, k, v, lookup)).abs().max() <= 1e-5
 
 
+def test_flex_runs_compiled_under_a_force_eager_stance(monkeypatch):
+    """training/loop.py evaluates a --compile run under set_stance("force_eager"); FlexAttention must
+    still run compiled there, not as flex_attention's eager reference that materialises the scores
+    (issue 17). attention._flex compiles it anew here with a backend that counts the calls into the
+    compiled code in place of inductor."""
+    import functools
+
+    from t5kit.model import attention
+    calls = []
+
+    def counting(gm, example_inputs):
+        def run(*args):
+            calls.append(len(args))
+            return gm(*args)
+        return run
+    monkeypatch.setattr(attention, "_compiled_flex", {})
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting))
+    model = tiny()
+    ids, mask = padded(128, (40, 9))
+    with torch.compiler.set_stance("force_eager"):
+        ref, out = both(lambda: model.encode(ids, mask))
+    assert len(calls) == 2  # one per encoder block
+    assert (out - ref).abs().max() <= 1e-5
+
+
+def test_bias_heads_must_be_the_attentions():
+    """A bias over other heads than q's (a global table beside one rank's heads) is refused, not
+    indexed with the wrong head numbers."""
+    bm = Keep(4, 4).block_mask(torch.device("cpu"))
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="bias table .* has 4 heads, the attention 2"):
+        attend(q, q, q, FlexBias(bm, torch.zeros(32, 4)))
+    with pytest.raises(ValueError, match="dense bias .* has 3 heads, the attention 2"):
+        attend(q, q, q, FlexBias(bm, dense=torch.zeros(3, 4, 4)))
+
+
 def test_flex_refuses_dropout():
     bm = Keep(4, 4).block_mask(torch.device("cpu"))
     q = torch.randn(1, 2, 4, 16)

@@ -1,6 +1,9 @@
 """The decode step's twins: eager DecodeCache, the static slot (compiled on CPU, CUDA-graph
 replayed on GPU), and packed CPU weights; each against eager, and packed against transformers."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from conftest import EOS_WITHIN, eos_model, load_hf, padded_batch
@@ -15,18 +18,19 @@ from t5kit.inference.generation import GenerationConfig
 
 def _walk(model, ids, mask, mode, steps=12, drop_at=5):
     """Step the decoder with `mode`, feeding the eager greedy tokens, dropping rows 0 and 2 at
-    `drop_at` (the static twin moves to a smaller batch bucket). -> list of (rows, V) logits."""
+    `drop_at` (the static twin moves to a smaller batch bucket). -> list of (rows, V) logits. Every
+    tensor on the model's device (ids')."""
     with torch.inference_mode():
         eager = engine.start(model, ids, mask, 1, steps, "eager")
         twin = engine.start(model, ids, mask, 1, steps, mode)
-        tokens = torch.zeros(len(ids), 1, dtype=torch.long)
+        tokens = torch.zeros(len(ids), 1, dtype=torch.long, device=ids.device)
         out = []
         for t in range(steps):
             want, got = eager(tokens), twin(tokens)
             out.append((want.clone(), got.clone()))
             tokens = want.argmax(-1, keepdim=True)
             if t == drop_at:
-                keep = torch.tensor([1, 3, 4])
+                keep = torch.tensor([1, 3, 4], device=ids.device)
                 eager.select(keep), twin.select(keep)
                 tokens = tokens[keep]
         return out
@@ -56,6 +60,83 @@ def test_slots_are_reused_and_bucketed(hf_dir):
         assert first.slot.tokens.shape[0] == 1 and first.rows == 1
         again = engine.start(model, ids[:, :20], mask[:, :20], 1, 30, "compile")
         assert again.slot is slot  # released; 20 source tokens and 30 steps round up to 64 as before
+
+
+def _tiny(seed: int = 0, device: str = "cpu") -> t5kit.T5:
+    model = t5kit.T5(t5kit.get_preset("tiny").replace(vocab_size=128, dropout_rate=0.0)).eval()
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model.to(device)
+
+
+def _same_as_eager(model, ids, mask, mode):
+    for want, got in _walk(model, ids, mask, mode, steps=8, drop_at=3):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_compiled_slots_follow_new_weights():
+    """A slot is reused only over the weights it was built over (issue 17): new values loaded,
+    changed in place, or written as FSDP2 gathers them (same storage, version counter kept, which
+    weights_of cannot see: the slot takes the request's relative bias at each load)."""
+    model = _tiny()
+    ids, mask = padded_batch(128, lengths=(20, 9, 3, 14, 6))
+    _same_as_eager(model, ids, mask, "compile")  # slots of buckets 8 and 4 built
+    model.load_state_dict(_tiny(seed=1).state_dict())
+    _same_as_eager(model, ids, mask, "compile")
+    table = model.decoder.blocks[0].rel_bias.weight
+    with torch.no_grad():
+        table.mul_(-2.0)
+    _same_as_eager(model, ids, mask, "compile")
+    before = engine.weights_of(model)
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(table):  # as _fsdp_collectives.py
+        table.add_(1.0)
+    assert engine.weights_of(model) == before
+    _same_as_eager(model, ids, mask, "compile")
+
+
+def test_packing_after_compiled_decoding_builds_a_new_slot():
+    """Packing (cpu.py) replaces the Linear weights a compiled slot read: the next compiled decoding
+    builds a new slot, which refuses packed weights with its reason (issue 17: the old slot was
+    reused and inductor failed lowering the packed linears)."""
+    if not t5kit.inference.cpu.can_pack(torch.float32):
+        pytest.skip("this PyTorch build has no oneDNN")
+    model = _tiny()
+    ids, mask = padded_batch(128, lengths=(12, 5))
+    model.generate(ids, mask, max_new_tokens=4, decode_mode="compile")
+    with pytest.raises(ValueError, match="'compile' takes the model's own weights"):
+        pack_linears(model).generate(ids, mask, max_new_tokens=4, decode_mode="compile")
+
+
+def test_slots_do_not_keep_their_model_alive():
+    """_SLOTS is keyed weakly by the model; its slots must not hold the model (issue 17)."""
+    model = _tiny()
+    ids, mask = padded_batch(128, lengths=(12, 5))
+    model.generate(ids, mask, max_new_tokens=4, decode_mode="compile")
+    assert len(engine._SLOTS[model]) == 1
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_beam_search_beside_a_busy_slot_builds_one_slot(monkeypatch):
+    """While another decoding holds the bucket, a beam search gets a slot of its own once, and
+    keeps it through every beam step's select (issue 17: it built, and compiled, one per step)."""
+    built = []
+
+    class CountingSlot(engine.Slot):
+        def __init__(self, model, *key):
+            built.append(key)
+            super().__init__(model, *key)
+    monkeypatch.setattr(engine, "Slot", CountingSlot)
+    model = _tiny()
+    ids, mask = padded_batch(128, lengths=(20, 9))
+    cfg = GenerationConfig(max_new_tokens=6, num_beams=2)
+    with torch.inference_mode():
+        busy = engine.start(model, ids, mask, 2, 6, "compile")
+        out = beam_search(model, ids, mask, cfg, "compile")
+    assert len(built) == 2 and built[0] == built[1]  # busy's, then the beam search's
+    assert busy.slot.owner() is busy
+    assert torch.equal(out, beam_search(model, ids, mask, cfg, "eager"))
 
 
 @pytest.mark.parametrize("early_stopping", [True, False, "never"])
@@ -123,3 +204,24 @@ def test_cuda_graph_bf16_greedy_equals_eager(copy_model_dir):
     ids, mask = ids.cuda(), mask.cuda()
     assert _same(model.generate(ids, mask, max_new_tokens=24, decode_mode="graph"),
                  model.generate(ids, mask, max_new_tokens=24, decode_mode="eager"))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_slots_follow_moved_weights_and_free_their_model():
+    """A graph replays over the addresses it captured (issue 17): after the weights move (the old
+    storage kept and filled with NaN, so a stale replay shows), and after new values are loaded,
+    the graph twin still equals eager; the model's slots do not keep it alive."""
+    model = _tiny(device="cuda")
+    ids, mask = (x.cuda() for x in padded_batch(128, lengths=(20, 9, 3, 14, 6)))
+    _same_as_eager(model, ids, mask, "graph")
+    old = [p.data for p in model.parameters()]
+    model.cpu().cuda()
+    for t in old:
+        t.fill_(float("nan"))
+    _same_as_eager(model, ids, mask, "graph")
+    model.load_state_dict(_tiny(seed=1).state_dict())
+    _same_as_eager(model, ids, mask, "graph")
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -10,7 +10,11 @@ row to get fp32 next-token logits, `select` rows to drop finished ones or reorde
   cover every request. A slot's step is either captured once in a CUDA graph and replayed (one
   launch per token instead of hundreds: on an H100 the eager t5-base step is bound by launches,
   17 ms, against 1.3 ms replayed) or compiled with `torch.compile`. Slots are kept per model (an
-  LRU of `MAX_SLOTS`), so the capture is paid once per shape, not per call.
+  LRU of `MAX_SLOTS`), so the capture is paid once per shape, not per call, and per state of the
+  weights: a graph replays over the addresses it captured, so a slot built over weights that have
+  moved since (`Module.to`, FSDP2 gathering them into new storage for each evaluation,
+  `load_state_dict`, packing or quantizing) is built again (`weights_of`, issue 17). Slots hold no
+  reference to their model: a model's slots go with it.
 
 Static and eager agree to float rounding: the padded rows and keys are masked (their softmax
 weight is exactly 0), and the padded batch rows never mix with real ones. Tests check greedy ids
@@ -20,8 +24,8 @@ CUDA. After gpt-fast's CUDA-graph decoding and transformers' static cache.
 
 from __future__ import annotations
 
+import itertools
 import weakref
-from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -66,33 +70,70 @@ class Decoding:
 
     def __call__(self, tokens: Tensor) -> Tensor:
         """tokens (N, 1) -> fp32 logits (N, V) of the next token."""
-        return self.model.logits(self.model.decode(tokens, cache=self.cache))[:, -1].float()
+        return step_logits(self.model, self.cache, tokens)
 
     def select(self, rows: Tensor, cross_too: bool = True) -> None:
         self.cache.select(rows, cross_too)
 
 
-class Slot:
-    """Fixed buffers for (batch, source length, cache length) and the step run over them."""
+def step_logits(model: T5, cache: DecodeCache, tokens: Tensor) -> Tensor:
+    """The decode step: tokens (N, 1) -> fp32 logits (N, V) of the next token; the cache takes the
+    tokens' K/V and every row moves one position. Logits split by vocabulary (tensor parallelism
+    leaves the LM head's output a DTensor, training/parallel.py) are gathered whole: the logits
+    processors, sampling and beam search read every token's score."""
+    logits = model.logits(model.decode(tokens, cache=cache))[:, -1].float()  # (N, 1, V) -> (N, V)
+    return logits.full_tensor() if _is_dtensor(logits) else logits
 
-    def __init__(self, model: T5, batch: int, src_len: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device, mode: str):
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def weights_of(model: T5) -> tuple:
+    """The state of the weights a slot's step reads: each parameter's and buffer's address and version
+    counter. The address changes when weights move (`Module.to`, FSDP2's all-gather into new storage,
+    `load_state_dict(assign=True)`), the version when they change in place (`load_state_dict`, an
+    optimizer step); packing or quantizing (cpu.py) removes the Linear weights. A CUDA graph reads
+    each weight through the address it had at capture, and inductor's freezing would compile the
+    values in: a slot is reused only over the state it was built over. DTensors' own data_ptr is 0:
+    their local shard's is read."""
+    return tuple((_local(t).data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+class Slot:
+    """Fixed buffers for one shape (batch, source length, cache length, dtype, device, mode), the
+    step run over them, and the state of the weights it was built over (`weights_of`). It holds no
+    reference to the model (each call passes it): `_SLOTS` is keyed weakly by the model, and a value
+    holding its key would keep every model decoded in graph or compile mode alive (issue 17)."""
+
+    def __init__(self, model: T5, shape: tuple, weights: tuple):
+        batch, src_len, max_len, dtype, device, mode = shape
         memory = torch.zeros(batch, src_len, model.config.d_model, dtype=dtype, device=device)
-        self.mode = mode
+        self.shape, self.weights, self.mode = shape, weights, mode
         self.cache = DecodeCache(model.decoder, memory, None, max_len)
-        self.eager = Decoding(model, self.cache)  # the step itself; the slot only fixes its buffers
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.logits: Tensor | None = None
         self.graph = None
         self.owner: weakref.ref | None = None  # the StaticDecoding using the buffers now
-        self.fn = _compile(self._step, model, device) if mode == "compile" else self._step
+        self.fn = _compile(model, torch.device(device)) if mode == "compile" else step_logits
 
-    def _step(self) -> Tensor:
-        return self.eager(self.tokens)
+    def free_for(self, user: StaticDecoding) -> bool:
+        """No other live decoding holds the buffers."""
+        return self.owner is None or self.owner() in (None, user)
 
     def load(self, cache: DecodeCache) -> None:
         """Copy a request's state (n <= batch rows) into the buffers; padded rows and source
-        positions are masked (rows: all keys kept, over zero K/V, so no NaN)."""
+        positions are masked (rows: all keys kept, over zero K/V, so no NaN). The relative bias is
+        the request's too, computed from the weights as they are now (FSDP2 gathers new values
+        into the same storage without bumping the version counter, so `weights_of` cannot see it);
+        positions past the request's length keep their causal mask."""
         n, s = cache.pos.shape[0], cache.cross_bias.shape[-1]
         fill = torch.finfo(self.cache.cross_bias.dtype).min
         self.cache.cross_bias.zero_()
@@ -104,34 +145,39 @@ class Slot:
         for (k, v), (sk, sv) in zip(self.cache.self_kv, cache.self_kv):
             k.zero_(), v.zero_()
             k[:n, :, :sk.shape[2]], v[:n, :, :sv.shape[2]] = sk, sv
+        for mine, theirs in zip(self.cache.self_bias, cache.self_bias):  # (H, L, L) each
+            mine[:, :theirs.shape[1], :theirs.shape[2]] = theirs
         self.cache.pos.zero_()
         self.cache.pos[:n] = cache.pos
 
-    def run(self, tokens: Tensor) -> Tensor:
-        """tokens (n, 1) -> fp32 logits (n, V); the padded rows run too and are dropped."""
+    def run(self, model: T5, tokens: Tensor) -> Tensor:
+        """tokens (n, 1) -> fp32 logits (n, V); the padded rows run too and are dropped. Under CUDA
+        graphs the logits are a view of the graph's output, overwritten by the next step."""
         n = tokens.shape[0]
         self.tokens[:n] = tokens
         if self.mode != "graph":
-            return self.fn()[:n]
+            return self.fn(model, self.cache, self.tokens)[:n]
         if self.graph is None:
-            self._capture()
+            self._capture(model)
         self.graph.replay()
         return self.logits[:n]
 
-    def _capture(self) -> None:
-        """Warm up on a side stream (lazy CUDA init, cuBLAS workspaces), then capture one step.
-        The step advances positions in place, so they are saved around warm-up and capture."""
+    def _capture(self, model: T5) -> None:
+        """Warm up on a side stream (lazy CUDA init, cuBLAS workspaces), then capture one step
+        (PyTorch docs, "CUDA Graphs": whole-network capture). The step advances positions in place,
+        so they are saved around warm-up and capture; warm-up writes K/V at the saved positions,
+        which the first replay writes again."""
         pos = self.cache.pos.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.fn()
+                self.fn(model, self.cache, self.tokens)
                 self.cache.pos.copy_(pos)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self.fn()
+            self.logits = self.fn(model, self.cache, self.tokens)
         self.cache.pos.copy_(pos)
 
     def reorder(self, rows: Tensor, cross_too: bool) -> None:
@@ -146,37 +192,43 @@ class Slot:
             c.cross_bias.copy_(c.cross_bias.index_select(0, idx))
 
 
-def _compile(step, model: T5, device: torch.device):
-    """torch.compile of a slot's step. On CPU with inductor's freezing: the weights become
-    constants that it packs into oneDNN's layout itself (measured: same ids as the eager packed
-    step). Weights packed already by quantize.pack_linears cannot be compiled (inductor only
-    lowers oneDNN linears over its own constants), so they are refused here with the fix."""
+def _compile(model: T5, device: torch.device):
+    """torch.compile of the step, static shapes (one slot's). On CPU `freezing` is asked for: inductor
+    would fold the weights into constants packed in oneDNN's layout. In torch 2.13 the option given
+    here does not reach dynamo, which decides at trace time from the global inductor config
+    (torch._dynamo.utils.is_parameter_freezing): the weights stay graph inputs (the output code
+    reads them through extern mm; checked for issue 17), so new values are read at each call. Slots
+    are keyed by the weights' state either way (`weights_of`). Weights packed already by
+    cpu.pack_linears cannot be compiled (inductor only lowers oneDNN linears over its own
+    constants), so they are refused here with the fix."""
     if any(getattr(m, "onednn_packed", False) for m in model.modules()):
-        raise ValueError("decode mode 'compile' takes the model's own weights, not quantize.pack_linears' "
+        raise ValueError("decode mode 'compile' takes the model's own weights, not cpu.pack_linears' "
                          "(on CPU, compiling packs them itself); load the model again without packing")
     options = {"freezing": True} if device.type == "cpu" else None
-    return torch.compile(step, fullgraph=True, dynamic=False, options=options)
+    return torch.compile(step_logits, fullgraph=True, dynamic=False, options=options)
 
 
-_SLOTS: "weakref.WeakKeyDictionary[T5, OrderedDict]" = weakref.WeakKeyDictionary()
+_SLOTS: weakref.WeakKeyDictionary[T5, list[Slot]] = weakref.WeakKeyDictionary()  # least recently used first
 
 
-def slot_for(user: "StaticDecoding", batch: int, src_len: int, max_len: int, dtype: torch.dtype,
-             device: torch.device, mode: str) -> Slot:
-    """The model's slot for these bucketed shapes, built on first use, least recently used out;
-    owned by `user` until it moves on or is dropped. While another decoding (an unfinished
-    stream) owns it, `user` gets a slot of its own that is not kept."""
-    slots = _SLOTS.setdefault(user.model, OrderedDict())
-    key = (batch, src_len, max_len, dtype, str(device), mode)
-    slot = slots.get(key)
-    if slot is None:
-        while len(slots) >= MAX_SLOTS:
-            slots.popitem(last=False)
-        slot = slots[key] = Slot(user.model, batch, src_len, max_len, dtype, device, mode)
-    elif slot.owner is not None and slot.owner() not in (None, user):
-        slot = Slot(user.model, batch, src_len, max_len, dtype, device, mode)
+def slot_for(user: StaticDecoding, shape: tuple) -> Slot:
+    """A slot of `shape` over `user`'s weights, owned by `user` until it moves on or is dropped:
+    the one it holds if that has the shape (a beam step keeps its slot: issue 17), else a listed
+    one no other live decoding (an unfinished stream) holds, else a new one. Every slot in use is
+    listed, the least recently used beyond MAX_SLOTS leaving the list (not its owner); slots built
+    over another state of the weights leave it at once (`weights_of`)."""
+    slots = _SLOTS.setdefault(user.model, [])
+    slots[:] = [s for s in slots if s.weights == user.weights]
+    if user.slot is not None and user.slot.shape == shape:
+        slot = user.slot
     else:
-        slots.move_to_end(key)
+        slot = next((s for s in slots if s.shape == shape and s.free_for(user)), None)
+    if slot is None:
+        slot = Slot(user.model, shape, user.weights)
+    elif slot in slots:
+        slots.remove(slot)
+    slots.append(slot)
+    del slots[:-MAX_SLOTS]
     slot.owner = weakref.ref(user)
     return slot
 
@@ -187,22 +239,24 @@ class StaticDecoding:
 
     def __init__(self, model: T5, cache: DecodeCache, mode: str):
         self.model, self.mode = model, mode
+        self.weights = weights_of(model)  # fixed while it decodes
         self.src_len = round_up(cache.cross_bias.shape[-1], LENGTH_STEP)
         self.max_len = round_up(cache.self_kv[0][0].shape[2], LENGTH_STEP)
         self.n = cache.pos.shape[0]
+        self.slot: Slot | None = None
         self.slot = self._slot(self.n)
         self.slot.load(cache)
 
     def _slot(self, n: int) -> Slot:
         w = self.model.shared.weight
-        return slot_for(self, batch_bucket(n), self.src_len, self.max_len, w.dtype, w.device, self.mode)
+        return slot_for(self, (batch_bucket(n), self.src_len, self.max_len, w.dtype, str(w.device), self.mode))
 
     @property
     def rows(self) -> int:
         return self.n
 
     def __call__(self, tokens: Tensor) -> Tensor:
-        return self.slot.run(tokens)
+        return self.slot.run(self.model, tokens)
 
     def select(self, rows: Tensor, cross_too: bool = True) -> None:
         self.slot.reorder(rows, cross_too)

@@ -168,7 +168,9 @@ class FlexBias:
     block_mask: the stack's Keep as blocks (shared by every layer of the stack).
     One of, or neither (cross-attention has no relative bias, HF PR #8518):
     - table (buckets, H) with bidirectional / max_distance: looked up inside score_mod with
-      bucket(kv_idx - q_idx). Inference: nothing (B, H, T, K) or (H, T, K) is ever built.
+      bucket(kv_idx - q_idx). Inference: nothing (B, H, T, K) or (H, T, K) is ever built. The
+      table may be a DTensor split by head (tensor parallelism, training/parallel.py): score_mod
+      reads its local shard, see `local_heads`.
     - dense (H, T, K): built once per stack from the table, read in score_mod. Training: its gradient
       reaches the table through the embedding lookup that built it. (The table lookup inside
       score_mod also has a gradient, but its backward scatters into buckets x H cells with
@@ -186,15 +188,19 @@ class FlexBias:
         if self.table is not None and self.dense is not None:
             raise ValueError("FlexBias: give the bias table or a dense bias, not both")
 
-    def score_mod(self) -> Callable | None:
+    def score_mod(self, heads: int) -> Callable | None:
+        """The score_mod of an attention over `heads` heads (q's dim 1: under tensor parallelism,
+        this rank's share), whose h indexes the bias's heads."""
         if self.dense is not None:
             dense = self.dense
+            _check_heads("dense bias (H, T, K)", dense.shape[0], heads)
 
             def add_dense(score, b, h, q_idx, kv_idx):
                 return score + dense[h, q_idx, kv_idx]
             return add_dense
         if self.table is not None:
-            table, bidirectional, max_distance = self.table, self.bidirectional, self.max_distance
+            table, bidirectional, max_distance = local_heads(self.table), self.bidirectional, self.max_distance
+            _check_heads("bias table (buckets, H)", table.shape[1], heads)
             num_buckets = table.shape[0]
 
             def add_bucket(score, b, h, q_idx, kv_idx):
@@ -202,6 +208,25 @@ class FlexBias:
                 return score + table[bucket, h]
             return add_bucket
         return None
+
+
+def local_heads(table: Tensor) -> Tensor:
+    """The (buckets, H) bias table as the heads this process attends over. Tensor parallelism
+    (training/parallel.py) keeps the table a DTensor split by head (Shard(1)) while q / k / v are
+    plain tensors of this rank's heads, so score_mod's h is a local index: it must read the local
+    shard, not the global table (a DTensor inside flex_attention fails to trace: "FakeTensorMode
+    should not be set when dispatching flex_attention", issue 17). A plain table is returned as is."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+        if isinstance(table, DTensor):
+            return table.to_local()
+    return table
+
+
+def _check_heads(what: str, got: int, heads: int) -> None:
+    if got != heads:
+        raise ValueError(f"FlexBias: the {what} has {got} heads, the attention {heads} (a bias and its "
+                         "attention must hold the same heads: the local share under tensor parallelism)")
 
 
 _compiled_flex: dict[str, Callable] = {}  # device type -> compiled flex_attention
@@ -243,4 +268,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | FlexBias, dropout_p: 
     if dropout_p > 0:
         raise ValueError(f"FlexAttention has no attention dropout (dropout_p={dropout_p}); use_flex should "
                          "have chosen SDPA")
-    return _flex(q.device)(q, k, v, score_mod=bias.score_mod(), block_mask=bias.block_mask, scale=1.0)
+    flex, score_mod = _flex(q.device), bias.score_mod(q.shape[1])
+    if torch.compiler.is_compiling():  # traced inside a compiled model: dynamo inlines the compiled call
+        return flex(q, k, v, score_mod=score_mod, block_mask=bias.block_mask, scale=1.0)
+    # Outside a compiled region the fused kernel runs whatever the caller's stance: training/loop.py
+    # evaluates a --compile run under set_stance("force_eager") (its graphs are the training step's),
+    # which would otherwise run flex_attention's eager reference, materialising the (B, H, T, K)
+    # scores (issue 17). set_stance nests as a context manager and restores the caller's stance on
+    # exit; it may not be entered while dynamo traces (torch.compiler.set_stance docs), hence the test.
+    with torch.compiler.set_stance("default"):
+        return flex(q, k, v, score_mod=score_mod, block_mask=bias.block_mask, scale=1.0)

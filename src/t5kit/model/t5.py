@@ -256,9 +256,9 @@ class DecodeCache:
 
     def __init__(self, decoder: "Decoder", memory: Tensor, memory_mask: Tensor | None, max_len: int):
         b, s, _ = memory.shape
-        blk0 = decoder.blocks[0]
-        h, d = blk0.attn.h, blk0.attn.d
         self.cross_kv = [blk.cross.project_kv(memory) for blk in decoder.blocks]
+        # heads as projected, not config.num_heads: the local share when split by head (tensor parallelism)
+        h, d = self.cross_kv[0][0].shape[1], self.cross_kv[0][0].shape[3]
         keep = (memory_mask if memory_mask is not None else memory.new_ones(b, s))[:, None, :].bool()
         self.cross_bias = mask_bias(keep, memory.dtype)
         self.self_kv = [(memory.new_zeros(b, h, max_len, d), memory.new_zeros(b, h, max_len, d))

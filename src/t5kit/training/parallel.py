@@ -151,7 +151,9 @@ def tensor_parallel(model: nn.Module, mesh) -> None:
 
 def _shard_bias_by_head(module: nn.Module, mesh) -> None:
     """RelativeBias: its (buckets, H) table split by head; positions enter replicated, the bias
-    leaves as this rank's heads, (B, H / tp, T, K), a plain tensor like the attention's heads."""
+    leaves as this rank's heads, (B, H / tp, T, K), a plain tensor like the attention's heads.
+    FlexAttention without gradients reads the table itself inside score_mod, not through this
+    forward: it takes the local shard there (attention.local_heads)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 
     def partition(name, mod, mesh):
