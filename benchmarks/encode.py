@@ -32,15 +32,18 @@ def encoder_flops(cfg, batch: int, length: int) -> int:
     return 2 * cfg.num_layers * (proj + attn + ffn)
 
 
-def build(shape: str, folder: str):
-    """A random full T5 of the preset's shape, saved by transformers -> its config (t5kit)."""
+def build(shape: str, folder: str, encoder_only: bool = False):
+    """A random full T5 of the preset's shape (or its encoder alone, as diffusion pipelines ship T5
+    text encoders: half the bytes to build and write), saved by transformers -> its config (t5kit).
+    Both contenders load the encoder alone either way."""
     import transformers
 
     import t5kit
     cfg = t5kit.get_preset(shape)
     torch.manual_seed(0)
     hf_cfg = (transformers.T5Config if cfg.model_type == "t5" else transformers.MT5Config)(**cfg.to_hf_json())
-    transformers.T5ForConditionalGeneration(hf_cfg).save_pretrained(folder)
+    cls = transformers.T5EncoderModel if encoder_only else transformers.T5ForConditionalGeneration
+    cls(hf_cfg).save_pretrained(folder)
     return cfg
 
 
@@ -78,6 +81,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads")
+    ap.add_argument("--encoder-only", action="store_true", help="build and save the random checkpoint's encoder "
+                    "alone (the measured loads and forwards are the same)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense peak for --dtype "
                     "(989: H100 SXM bf16)")
     args = ap.parse_args()
@@ -97,7 +102,7 @@ def main() -> None:
 
     for shape in args.shapes:
         with tempfile.TemporaryDirectory() as folder:
-            cfg = build(shape, folder)
+            cfg = build(shape, folder, args.encoder_only)
             with torch.device("meta"):  # sizes only, nothing allocated
                 n_params = sum(p.numel() for p in t5kit.T5Encoder(cfg).parameters())
             for batch in args.batch:
@@ -107,7 +112,7 @@ def main() -> None:
                     ids[:, -1] = 1
                     ids, mask = ids.to(args.device), torch.ones_like(ids).to(args.device)
                     row = {"bench": "encode", "shape": shape, "device": args.device, "dtype": args.dtype,
-                           "batch": batch, "length": length}
+                           "batch": batch, "length": length, "checkpoint": "encoder" if args.encoder_only else "full"}
                     if cuda:
                         row["weights_mb"] = round(n_params * dtype.itemsize / 2**20, 1)
                         for which in ("t5kit", "transformers"):

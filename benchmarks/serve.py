@@ -8,7 +8,10 @@ a word-level tokenizer), then runs three rounds, each bounded in requests and in
 - concurrent: --clients clients at once, each sending --requests streamed requests;
 - fault: the same load with every 4th client killed mid-stream, every 8th request oversized
   (413 expected) and every 8th malformed (400 expected); every other request must get its whole
-  answer, and /health, polled throughout, must stay 200.
+  answer, and /health, polled throughout, must stay 200;
+- beams: the concurrent load with --beam-clients of the clients sending beam requests
+  (num_beams 4) instead: beam groups are stepped beside the streams (issue 17), so the streams'
+  time to first token should stay that of the concurrent round, not grow by a beam request's length.
 Figures: requests/s, generated tokens/s, p50 / p99 latency and time to first token, errors.
 Requests sample (seeded; a random model's greedy choice is often the pad token, which streams no
 text) with min_new_tokens = max_new_tokens, so every answer has a known length and a short one
@@ -85,10 +88,13 @@ async def one(client: httpx.AsyncClient, body: dict, kill_after_first: bool = Fa
 
 
 async def run_round(url: str, name: str, clients: int, requests: int, prompt, new_tokens: int, seconds: float,
-                    fault: bool = False) -> dict:
+                    fault: bool = False, beam_clients: int = 0) -> dict:
     seeds = iter(range(10**9))
-    body = lambda: {"inputs": prompt(), "stream": True, "parameters": {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens,  # noqa: E731
-                                                       "do_sample": True, "seed": next(seeds)}}
+
+    def body(beam: bool = False) -> dict:
+        params = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        params.update({"num_beams": 4} if beam else {"do_sample": True, "seed": next(seeds)})
+        return {"inputs": prompt(), "stream": True, "parameters": params}
     results, health_bad, stop = [], [], asyncio.Event()
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients + 2)
@@ -108,6 +114,9 @@ async def run_round(url: str, name: str, clients: int, requests: int, prompt, ne
                 elif fault and c % 4 == 1 and k == 0:  # killed mid-stream
                     res = await one(client, body(), kill_after_first=True)
                     results.append({"kind": "killed", "ok": res["status"] == 200})
+                elif c < beam_clients:
+                    res = await one(client, body(beam=True))
+                    results.append({"kind": "beam", "ok": res["complete"], **res})
                 else:
                     res = await one(client, body())
                     results.append({"kind": "good", "ok": res["complete"], **res})
@@ -136,6 +145,10 @@ async def run_round(url: str, name: str, clients: int, requests: int, prompt, ne
             "errors": len(good) - len(done)}
     if line["errors"]:  # what went wrong: HTTP status or transport error, and tokens received
         line["error_kinds"] = dict(Counter(f"{r['status']}/{r['tokens']} tokens" for r in good if not r["ok"]))
+    beams = [r for r in results if r["kind"] == "beam"]
+    if beams:
+        line["beam_requests"] = f"{sum(r['ok'] for r in beams)}/{len(beams)} complete"
+        line["beam_p50_latency_s"] = pct([r["latency"] for r in beams if r["ok"]], 0.5)
     if fault:
         for kind in ("killed", "oversized", "malformed"):
             mine = [r for r in results if r["kind"] == kind]
@@ -153,6 +166,7 @@ def main() -> int:
     ap.add_argument("--sequential", type=int, default=8, help="requests in the sequential round")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, nargs=2, default=(8, 48), help="min and max prompt length")
+    ap.add_argument("--beam-clients", type=int, default=4, help="clients sending beam requests in the beams round")
     ap.add_argument("--seconds", type=float, default=300, help="bound on each round")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -162,7 +176,8 @@ def main() -> int:
         prompt = lambda: " ".join(f"t{rng.randrange(3, vocab - 100)}" for _ in range(rng.randint(*args.prompt_tokens)))  # noqa: E731
         url = f"http://127.0.0.1:{free_port()}"
         server = subprocess.Popen([sys.executable, "-m", "t5kit", "serve", "--model", folder, "--port", url.rsplit(":", 1)[1],
-                                   "--device", args.device, "--max-batch-size", str(args.clients),
+                                   "--device", args.device,
+                                   "--max-batch-size", str(args.clients + 3 * args.beam_clients),
                                    "--max-queue", str(4 * args.clients), "--max-input-tokens", "512",
                                    "--timeout", str(args.seconds)], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         try:
@@ -177,10 +192,12 @@ def main() -> int:
                     raise SystemExit("the server did not start")
                 time.sleep(0.5)
             asyncio.run(run_round(url, "warmup", 2, 1, prompt, 4, args.seconds))
-            rounds = [("sequential", 1, args.sequential, False), ("concurrent", args.clients, args.requests, False),
-                      ("fault", args.clients, args.requests, True)]
-            for name, clients, requests, fault in rounds:
-                line = asyncio.run(run_round(url, name, clients, requests, prompt, args.new_tokens, args.seconds, fault))
+            rounds = [("sequential", 1, args.sequential, False, 0), ("concurrent", args.clients, args.requests, False, 0),
+                      ("fault", args.clients, args.requests, True, 0),
+                      ("beams", args.clients, args.requests, False, args.beam_clients)]
+            for name, clients, requests, fault, beams in rounds:
+                line = asyncio.run(run_round(url, name, clients, requests, prompt, args.new_tokens, args.seconds, fault,
+                                             beams))
                 line.update(shape=args.shape, device=args.device, new_tokens=args.new_tokens)
                 print(json.dumps(line), flush=True)
         finally:

@@ -33,6 +33,8 @@ import time
 
 import torch
 
+CUDA_CASES = ["transformers", "transformers_compiled", "t5kit", "t5kit_compile_block", "t5kit_compile_model"]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,6 +46,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--compile", nargs="+", default=["block", "model"], choices=["block", "model"],
                     help="CUDA: the t5kit --compile modes measured beside eager")
+    ap.add_argument("--cases", nargs="+", choices=CUDA_CASES, help="CUDA: the cases to measure, in this order "
+                    "(default: all, transformers first; a compile case needs its mode in --compile)")
     ap.add_argument("--bf16-params", action="store_true", help="CUDA: t5kit rows with --bf16-params")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="CUDA: the GPU's dense bf16 peak "
                     "(989 for an H100 SXM)")
@@ -168,6 +172,11 @@ def cuda_rows(args) -> None:
         cases = {"transformers": lambda: hf_case(False), "transformers_compiled": lambda: hf_case(True),
                  "t5kit": lambda: ours_case("none"),
                  **{f"t5kit_compile_{m}": (lambda m=m: ours_case(m)) for m in args.compile}}
+        if args.cases:
+            left_out = [c for c in args.cases if c not in cases]
+            if left_out:
+                raise SystemExit(f"--cases {' '.join(left_out)}: not measured with --compile {' '.join(args.compile)}")
+            cases = {c: cases[c] for c in args.cases}
         flops = train_flops(cfg, batch)
         for name, make in cases.items():
             torch._dynamo.reset()

@@ -14,7 +14,10 @@ import os
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+try:
+    import transformers  # the parity oracle: tests that need it are marked `hf` and skip without it
+except ImportError:
+    transformers = None
 
 SMALL = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
 
@@ -200,11 +203,21 @@ def eos_model(seed: int = 0):
 EOS_WITHIN = 6  # eos_model: 5 levels of content tokens, then EOS
 
 
+HF_FIXTURES = {"hf_dir", "enc_dir"}  # checkpoints that transformers builds
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA; without it they skip, saying so."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """Tests marked `gpu` need CUDA, tests marked `hf` need transformers; without them they skip,
+    saying so. A test that uses a checkpoint transformers builds (HF_FIXTURES, directly or through
+    another fixture) is marked `hf` here; a test that calls transformers itself carries the mark.
+    Marks added here count for `-m` selection too (`pytest -m "not hf"`): this hook runs before
+    pytest's own deselection (pluggy calls hook implementations last registered first, and
+    conftest.py registers after pytest's built-in plugins)."""
+    missing = {"gpu": None if torch.cuda.is_available() else "needs a CUDA device",
+               "hf": None if transformers else "needs transformers (pip install 't5kit[hf]')"}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if HF_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.hf)
+        for mark, reason in missing.items():
+            if reason and mark in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))

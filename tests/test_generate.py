@@ -1,12 +1,14 @@
-"""Generation parity with transformers.generate, cached vs uncached, sampling, streaming, bad args."""
+"""Generation parity with transformers.generate, cached vs uncached, sampling, streaming, bad args;
+outputs independent of the GPU's sync schedule (issue 17)."""
 
 import pytest
 import torch
-from conftest import COPY_WORDS, copy_batch, load_hf, padded_batch
+from conftest import COPY_WORDS, EOS_WITHIN, copy_batch, eos_model, load_hf, padded_batch
 
 import t5kit
 from t5kit.data.tokenizer import Tokenizer
-from t5kit.inference.generate import generate_uncached, stream
+from t5kit.inference.generate import generate, generate_uncached, stream
+from t5kit.inference.generation import ban_repeated_ngrams
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,6 +119,68 @@ def test_stream_yields_generate_tokens(copy_model_dir):
     for step, (rows, tokens) in enumerate(stream(model, ids, mask, max_new_tokens=20)):
         got[rows, step] = tokens
     assert torch.equal(got, full)
+
+
+GPU_SCHEDULE = [  # eos_model rows end within EOS_WITHIN steps, at different ones
+    {},
+    {"repetition_penalty": 1.4, "no_repeat_ngram_size": 2},
+    {"do_sample": True, "top_k": 0, "temperature": 1.5, "num_return_sequences": 3},
+    {"do_sample": True, "top_p": 0.8, "min_new_tokens": 2},
+    {"num_beams": 3, "num_return_sequences": 2},
+]
+
+
+@pytest.mark.parametrize("kw", GPU_SCHEDULE)
+def test_outputs_do_not_depend_on_the_sync_schedule(kw):
+    """On GPU finished rows leave every engine.SYNC_EVERY steps and keep decoding until then; on CPU
+    at once. Issue 17: sampling drew for the finished rows too, so the same seed gave other samples
+    on GPU. Every row draws its own uniforms now, the same on either schedule (and widths match:
+    no trailing pad columns)."""
+    model, ids, mask = eos_model()
+    runs = [generate(model, ids, mask, max_new_tokens=40, sync_every=s, generator=torch.Generator().manual_seed(3),
+                     **kw) for s in (1, 16)]
+    assert runs[0].shape[1] <= EOS_WITHIN and len({int((row != 0).sum()) for row in runs[0]}) > 1
+    assert torch.equal(runs[0], runs[1]), kw
+
+
+@pytest.mark.parametrize("kw", GPU_SCHEDULE[:4])
+def test_stream_yields_no_token_after_a_rows_eos(kw):
+    """A row's last streamed token is its EOS, on every device (issue 17: on GPU the stream went on
+    yielding finished rows until the next sync), and the stream gives generate's tokens."""
+    model, ids, mask = eos_model()
+    full = generate(model, ids, mask, max_new_tokens=40, generator=torch.Generator().manual_seed(3), **kw)
+    got, ended = torch.zeros_like(full), set()
+    for step, (rows, tokens) in enumerate(stream(model, ids, mask, torch.Generator().manual_seed(3),
+                                                 max_new_tokens=40, **kw)):
+        assert not ended & set(rows.tolist()), (step, ended)
+        ended |= {r for r, t in zip(rows.tolist(), tokens.tolist()) if t == 1}
+        got[rows, step] = tokens
+    assert ended == set(range(len(full))) and torch.equal(got, full)
+
+
+def test_inverse_cdf_sampling_draws_the_distribution():
+    """One uniform per row: evenly spaced uniforms give each token its probability's share of them
+    (to one uniform), and a token of probability 0 is never drawn, at the extreme uniforms either."""
+    from t5kit.inference.generation import sample  # new in issue 17: the rest of this file runs on the old code
+
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.25, 0.25, 0.25, 0.25]])
+    k = 10_000
+    noise = torch.cat([(torch.arange(k) + 0.5) / k, torch.tensor([0.0, 1 - 2 ** -24])])
+    tokens = torch.stack([sample(p.expand(len(noise), -1), noise) for p in probs])  # (3, k + 2)
+    for p, t in zip(probs, tokens):
+        share = torch.bincount(t[:k], minlength=5) / k
+        assert (share - p).abs().max() <= 1 / k and (p[t] > 0).all(), (p, share)
+
+
+@pytest.mark.hf
+def test_no_repeat_ngram_on_the_device_equals_transformers():
+    """ban_repeated_ngrams works on the device (no host sync per step); the bans are transformers'."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 4):
+        for t in range(1, 14):
+            history, scores = torch.randint(0, 5, (6, t), generator=gen), torch.randn(6, 9, generator=gen)
+            want = transformers.NoRepeatNGramLogitsProcessor(n)(history, scores.clone())
+            assert torch.equal(ban_repeated_ngrams(history, scores, n), want), (n, t)
 
 
 def test_int8_agrees_with_fp32(copy_model_dir):

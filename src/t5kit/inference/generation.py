@@ -2,7 +2,13 @@
 
 Semantics follow `transformers.generate` (5.x): processors in its order (repetition penalty,
 no-repeat n-gram, min new tokens, then temperature, top-k, top-p), `max_new_tokens` counted
-without the decoder start token. Pure tensor functions; no model.
+without the decoder start token. Pure tensor functions; no model. None of them waits on the
+device (no host sync), so a decode loop syncs only where it chooses to.
+
+Sampling draws from the same distribution as transformers' `torch.multinomial`, but by inverse
+CDF with one uniform per row per step taken from a per-request table (`sampling_noise`): a row's
+samples depend on its request's seed, its row number and the step only, not on the rows that
+share the batch, on when finished rows leave it, or on the device.
 """
 
 from __future__ import annotations
@@ -58,17 +64,18 @@ def repetition_penalty(history: Tensor, scores: Tensor, penalty: float) -> Tenso
 
 
 def ban_repeated_ngrams(history: Tensor, scores: Tensor, n: int) -> Tensor:
-    """Forbid any token that would complete an n-gram already in the row (NoRepeatNGramLogitsProcessor)."""
+    """Forbid any token that would complete an n-gram already in the row (NoRepeatNGramLogitsProcessor),
+    on the device: every window of n tokens whose first n - 1 equal the row's last n - 1 bans its
+    last token. (transformers builds the n-gram table on the host; this gives the same bans
+    without a sync.)"""
     t = history.shape[1]
-    if t + 1 < n:
+    if t < n:  # no complete n-gram yet
         return scores
-    scores = scores.clone()
-    for row, seq in enumerate(history.tolist()):
-        prefix = tuple(seq[t - n + 1:])
-        banned = [seq[i + n - 1] for i in range(t - n + 1) if tuple(seq[i:i + n - 1]) == prefix]
-        if banned:
-            scores[row, banned] = float("-inf")
-    return scores
+    windows = history.unfold(1, n, 1)  # (N, t - n + 1, n)
+    match = (windows[..., :-1] == history[:, None, t - n + 1:]).all(-1)  # (N, t - n + 1): prefix == last n - 1
+    # scatter_reduce "amax": a token hit by several windows is banned if any of them matches
+    banned = torch.zeros_like(scores).scatter_reduce(1, windows[..., -1], match.to(scores.dtype), "amax")
+    return scores.masked_fill(banned > 0, float("-inf"))
 
 
 def top_k_top_p(scores: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -96,13 +103,48 @@ def process(cfg: GenerationConfig, history: Tensor, scores: Tensor, eos: int) ->
     return scores
 
 
-def next_token(cfg: GenerationConfig, history: Tensor, logits: Tensor, eos: int,
-               generator: torch.Generator | None = None) -> Tensor:
+def sampling_noise(cfg: GenerationConfig, rows: int, generator: torch.Generator | None = None,
+                   device: torch.device | str | None = None) -> Tensor | None:
+    """The uniforms a sampling request draws: (rows, max_new_tokens) in [0, 1), row i's at step t
+    in [i, t]; None when not sampling (greedy draws nothing). From `generator` on its device, by
+    default torch's global CPU generator (what `torch.manual_seed` and `t5kit generate --seed`
+    set), then moved to `device`. Drawn whole at the start, row by row: on CPU torch draws
+    element by element from one mt19937 stream, so consecutive tables are consecutive stretches
+    of it, and prompts generated in several batches draw what one batch of them would."""
+    if not cfg.do_sample:
+        return None
+    where = generator.device if generator is not None else torch.device("cpu")
+    return upload(torch.rand(rows, cfg.max_new_tokens, generator=generator, device=where), device)
+
+
+def upload(x: Tensor, device: torch.device | str | None) -> Tensor:
+    """x on `device` without a host sync: a CPU tensor bound for CUDA is pinned and copied
+    non-blocking. A copy from pageable memory makes the host wait for the work queued on the
+    stream (PyTorch tutorial "A guide on good usage of non_blocking and pin_memory()"); from
+    pinned memory it is queued, and the caching host allocator keeps the pinned block until the
+    copy's stream event has passed (CachingHostAllocator's recordEvent)."""
+    device = torch.device(device) if device is not None else x.device
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def sample(probs: Tensor, noise: Tensor) -> Tensor:
+    """Inverse-CDF sampling: probs (N, V), noise (N,) uniforms in [0, 1) -> (N,) for each row the
+    first token whose cumulative probability exceeds noise x total. In fp64, so noise x total
+    stays below the total (a float32 uniform is at most 1 - 2**-24) and a token of probability 0,
+    whose cumulative sum equals its predecessor's, is never the first to exceed it."""
+    cdf = probs.double().cumsum(-1)  # (N, V)
+    return torch.searchsorted(cdf, noise.double()[:, None] * cdf[:, -1:], right=True).squeeze(1)
+
+
+def next_token(cfg: GenerationConfig, history: Tensor, logits: Tensor, eos: int, noise: Tensor | None = None) -> Tensor:
     """One greedy or sampling step: history (N, t) incl. start token, fp32 logits (N, V) -> (N,)
-    tokens. Sampling draws one multinomial over all N rows, so a seeded generator reproduces a
-    run only with the same rows in the same order (generate.stream and the serve scheduler)."""
+    tokens. noise (N,): this step's uniform for each row when sampling (`sampling_noise(...)[:, t]`
+    for the rows still running)."""
     scores = process(cfg, history, logits, eos)
     if not cfg.do_sample:
         return scores.argmax(-1)
-    scores = top_k_top_p(scores / cfg.temperature, cfg.top_k, cfg.top_p)
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+    if noise is None:
+        raise ValueError("sampling needs noise: each row's uniform for this step (sampling_noise)")
+    return sample(top_k_top_p(scores / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1), noise)

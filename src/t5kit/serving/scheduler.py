@@ -1,24 +1,33 @@
 """Continuous batching for `t5kit serve`: one thread owns the model; requests join the running
-decode batch at the next step and leave the moment they finish.
+decode at the next step and leave the moment they finish or are cancelled.
 
 Each iteration of the scheduler thread:
-1. admits waiting jobs first in, first out while their rows fit in `max_batch_size` (a job that
-   does not fit waits, and so does everything behind it: FIFO);
-2. runs admitted beam-search and embedding jobs whole, as units of their own (beam search keeps
-   its own batch and reorders it every step; `generate.generate` runs it exactly as `t5kit generate`);
-3. encodes the admitted greedy / sampling jobs in one encoder pass and appends their rows to the
-   running `DecodeCache` (`DecodeCache.cat`: each row keeps its own position, so rows at
-   different steps share one decode step);
-4. runs one decode step for every running row, picks each job's tokens with its own
-   GenerationConfig and seeded generator (`generation.next_token` over that job's rows, as
-   `generate.stream` does over a call's rows: the same seed gives the same samples), drops the rows
-   that finished or whose job was cancelled (`DecodeCache.select`) and emits streamed text.
+1. admits waiting jobs first in, first out while their decode rows fit in `max_batch_size`
+   (inputs x num_return_sequences, or x num_beams; a job that does not fit waits, and so does
+   everything behind it: FIFO; embed jobs hold no decode rows);
+2. encodes the admitted greedy / sampling jobs in one encoder pass and appends their rows to the
+   shared `DecodeCache` (`DecodeCache.cat`: each row keeps its own position, so rows at different
+   steps share one decode step); starts each beam job as a group of its own (`engine.start`, as
+   `t5kit generate` decodes it: a beam group reorders its rows every step, which the shared cache
+   cannot do for some rows only); queues embed jobs;
+3. encodes one chunk of the oldest embed job, at most `ENCODE_TOKENS` padded tokens, so an embed
+   request delays the decode step by a chunk, not by its whole input (the encoder treats rows
+   independently: chunking changes nothing but float rounding);
+4. `_step`: one decode step of the shared batch and of every beam group. Each greedy / sampling
+   job picks its rows' tokens with its own GenerationConfig (`generation.next_token`; sampling
+   with its own noise table, `generation.sampling_noise`, drawn from its seed as `generate`
+   draws it), each beam group takes one `beam.BeamSearch.advance`. Then one device-to-host copy
+   brings every new token, every group's stop flag and the outputs of the groups that stopped at
+   the step before: the step's only host sync. What finished, the streamed text (`TextStream`,
+   incremental) and which rows leave are decided on the host; the rows to keep go back to the
+   device pinned and non-blocking (`generation.upload`), and the finished or cancelled rows leave.
 
-Jobs talk to the HTTP side through `Job.emit`, called on this thread; serve.py hands each event
+Jobs talk to the HTTP side through `Job.emit`, called on this thread; server.py hands each event
 to its event loop (`loop.call_soon_threadsafe`). The HTTP side cancels a job (timeout, client
-gone) by setting `Job.cancelled`; its rows leave at the next step.
+gone) by setting `Job.cancelled`; its rows (beam groups included) leave at the next step, an
+embed job before its next chunk.
 
-Shapes: N running rows, V vocabulary, t steps taken by a job.
+Shapes: N rows in the shared batch, V vocabulary, M a job's max_new_tokens.
 """
 
 from __future__ import annotations
@@ -32,12 +41,17 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.tokenizer import pad_rows
-from ..inference.engine import Decoding
-from ..inference.generate import generate
-from ..inference.generation import GenerationConfig, next_token
+from ..inference import engine
+from ..inference.beam import BeamSearch
+from ..inference.generate import TextStream
+from ..inference.generation import GenerationConfig, next_token, sampling_noise, upload
 from ..model.t5 import T5, DecodeCache, mean_pool
 
 log = logging.getLogger("t5kit.serve")
+
+# padded tokens of an embed job encoded between two decode steps: eight inputs at the default
+# --max-input-tokens, what a join of eight such generate requests encodes in one pass already
+ENCODE_TOKENS = 4096
 
 
 class Rejected(Exception):
@@ -46,9 +60,10 @@ class Rejected(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request. `ids`: token ids per input, truncated already. `emit(event)` gets, on the
-    scheduler thread, ("piece", index, sequence, text) for streamed jobs, then ("done", result) or
-    ("error", message). kind: "generate" or "embed" (then `pool` is "mean" or "none")."""
+    """One request. `ids`: token ids per input, truncated already (`truncated` of them). `emit(event)`
+    gets, on the scheduler thread, ("piece", index, sequence, text) for streamed jobs, then
+    ("done", result) or ("error", message). kind: "generate" or "embed" (then `pool` is "mean" or
+    "none")."""
     kind: str
     ids: list[list[int]]
     emit: Callable[[tuple], None]
@@ -56,26 +71,25 @@ class Job:
     seed: int | None = None
     stream: bool = False
     pool: str = "mean"
+    truncated: int = 0
     cancelled: bool = False
 
     def __post_init__(self):
         # `t5kit generate` (generate_texts) batches prompts longest first: the same row order
-        # makes a seeded multi-input request draw the same samples
+        # gives a seeded multi-input request the same rows of its noise table
         self.order = sorted(range(len(self.ids)), key=lambda i: -len(self.ids[i]))
 
     @property
     def rows(self) -> int:
-        """Decode-batch rows the job needs (beam jobs run apart, but no larger than a batch)."""
+        """Decode rows the job needs."""
         return len(self.ids) * max(self.cfg.num_beams, self.cfg.num_return_sequences)
 
-    @property
-    def batched(self) -> bool:
-        return self.kind == "generate" and self.cfg.num_beams == 1
+    def padded(self, device, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs in `order` (those in `rows` of it), right-padded: ids (B, S), mask (B, S)."""
+        return tuple(upload(x, device) for x in pad_rows([self.ids[i] for i in self.order[rows]]))
 
-    def padded(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The inputs in `order`, right-padded: ids (B, S), mask (B, S)."""
-        rows = [self.ids[i] for i in self.order]
-        return pad_rows(rows, device=device)
+    def usage(self, **counts) -> dict:
+        return {"input_tokens": sum(map(len, self.ids)), **counts, "truncated_inputs": self.truncated}
 
     def result(self, tok, outputs: list[list[int]]) -> dict:
         """outputs: ids per row in `order` x num_return_sequences -> the answer in input order."""
@@ -83,51 +97,96 @@ class Job:
         texts: list[list[str]] = [[] for _ in self.ids]
         for row, ids in enumerate(outputs):
             texts[self.order[row // r]].append(tok.decode(ids))
-        return {"outputs": texts, "usage": {"input_tokens": sum(map(len, self.ids)),
-                                            "output_tokens": sum(map(len, outputs))}}
+        return {"outputs": texts, "usage": self.usage(output_tokens=sum(map(len, outputs)))}
 
 
 class Running:
-    """A greedy / sampling job's rows in the decode batch: `alive` (row numbers in `order` x
-    num_return_sequences, in batch order), their history (n, t + 1) with the start token, and
-    every row's tokens so far."""
+    """A greedy / sampling job's rows in the shared batch: `alive` (row numbers in `order` x
+    num_return_sequences, in batch order), their history (n, 1 + M) from the start token and
+    noise table (n, M) on the device, and every row's tokens (and text stream) on the host."""
 
-    def __init__(self, job: Job, start_token: int, device):
+    def __init__(self, job: Job, tok, start_token: int, device):
         self.job, self.cfg = job, job.cfg
         n = len(job.ids) * job.cfg.num_return_sequences
         self.alive = list(range(n))
         self.tokens: list[list[int]] = [[] for _ in range(n)]
-        self.sent = [""] * n  # text streamed so far per row
-        self.history = torch.full((n, 1), start_token, dtype=torch.long, device=device)
-        self.generator = None
-        if job.cfg.do_sample:
-            self.generator = torch.Generator(device=device)
-            if job.seed is None:
-                self.generator.seed()  # non-deterministic, and the global generator stays untouched
-            else:
-                self.generator.manual_seed(job.seed)
+        self.texts = [TextStream(tok) for _ in range(n)] if job.stream else None
+        self.history = torch.full((n, 1 + job.cfg.max_new_tokens), start_token, dtype=torch.long, device=device)
+        self.noise = sampling_noise(job.cfg, n, _generator(job.seed) if job.cfg.do_sample else None, device)
+        self.t = 0
 
-    def advance(self, token: torch.Tensor, eos: int) -> list[bool]:
-        """token (n,) picked for the alive rows -> which of them keep running."""
-        self.history = torch.cat([self.history, token[:, None]], 1)
+    def pick(self, logits: torch.Tensor, eos: int) -> torch.Tensor:
+        """logits (n, V) of the alive rows -> (n,) their tokens, on the device."""
+        noise = None if self.noise is None else self.noise[:, self.t]
+        token = next_token(self.cfg, self.history[:, :self.t + 1], logits, eos, noise)
+        self.history[:, self.t + 1] = token
+        self.t += 1
+        return token
+
+    def advance(self, tokens: list[int], eos: int) -> list[bool]:
+        """The alive rows' new tokens, on the host -> which of them keep running; streams the new
+        text of each row (its last piece when it ends)."""
         keep = []
-        for row, t in zip(self.alive, token.tolist()):
+        for row, t in zip(self.alive, tokens):
             self.tokens[row].append(t)
             keep.append(t != eos and len(self.tokens[row]) < self.cfg.max_new_tokens)
+            if self.texts is not None:
+                piece = self.texts[row].push(t) + ("" if keep[-1] else self.texts[row].finish())
+                if piece:
+                    r = self.cfg.num_return_sequences
+                    self.job.emit(("piece", self.job.order[row // r], row % r, piece))
         return keep
 
-    def stream_pieces(self, tok, rows: list[int], final: list[bool]) -> None:
-        """Emit each row's new text: the decoded ids so far minus what was sent. Held back while
-        the text ends in an incomplete character (U+FFFD) or rewrites what was sent, unless the
-        row just finished."""
-        r = self.cfg.num_return_sequences
-        for row, last in zip(rows, final):
-            text = tok.decode(self.tokens[row])
-            if not text.startswith(self.sent[row]) or (text.endswith("\ufffd") and not last):
-                continue
-            piece, self.sent[row] = text[len(self.sent[row]):], text
-            if piece:
-                self.job.emit(("piece", self.job.order[row // r], row % r, piece))
+    def select(self, keep: list[bool]) -> None:
+        """Keep the alive rows marked True."""
+        idx = upload(_index(keep), self.history.device)
+        self.history = self.history.index_select(0, idx)
+        self.noise = None if self.noise is None else self.noise.index_select(0, idx)
+        self.alive = [row for row, k in zip(self.alive, keep) if k]
+
+
+class BeamRun:
+    """A beam job's group: its own decode step over its B x num_beams rows, and its BeamSearch."""
+
+    def __init__(self, job: Job, model: T5, device):
+        self.job, cfg = job, job.cfg
+        ids, mask = job.padded(device)
+        self.search = BeamSearch(cfg, len(job.ids), model.config, device)
+        self.decoding = engine.start(model, ids, mask, cfg.num_beams, cfg.max_new_tokens)
+        self.rows = len(job.ids) * cfg.num_beams
+
+    def advance(self) -> torch.Tensor:
+        """One step -> (1,) the stop flag, on the device."""
+        parent = self.search.advance(self.decoding(self.search.tokens))
+        self.decoding.select(parent, cross_too=False)
+        return self.search.stopped().long().view(1)
+
+    def finish(self, tok, values: list[int]) -> None:
+        """values: the flattened output ids (B * r, M) then lengths (B * r,) -> stream and answer."""
+        job, m = self.job, self.search.m
+        n = len(values) // (m + 1)
+        rows = [values[i * m:i * m + length] for i, length in enumerate(values[n * m:])]
+        if job.stream:
+            r = job.cfg.num_return_sequences
+            for row, ids in enumerate(rows):
+                if text := tok.decode(ids):
+                    job.emit(("piece", job.order[row // r], row % r, text))
+        job.emit(("done", job.result(tok, rows)))
+
+
+def _index(keep: list[bool]) -> torch.Tensor:
+    """The positions marked True, as a CPU index tensor."""
+    return torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long)
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """A request's own CPU generator (the global one stays untouched): seeded, or at random."""
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
 
 
 class Scheduler:
@@ -138,9 +197,12 @@ class Scheduler:
         self.load, self.max_batch_size, self.max_queue = load, max_batch_size, max_queue
         self.cond = threading.Condition()
         self.waiting: deque[Job] = deque()
-        self.running: list[Running] = []
+        self.running: list[Running] = []  # the shared batch, in batch order
         self.cache: DecodeCache | None = None
-        self.last: torch.Tensor | None = None  # (N, 1) each running row's last token
+        self.last: torch.Tensor | None = None  # (N, 1) each shared row's last token
+        self.beams: list[BeamRun] = []  # stepping
+        self.stopped: list[tuple[BeamRun, tuple]] = []  # stopped: (group, its output), fetched at the next step
+        self.embeds: deque[tuple[Job, list]] = deque()  # (job, its vectors so far in `order`)
         self.accepting, self.stopping = True, False
         self.ready = threading.Event()
         self.failed: str | None = None
@@ -183,7 +245,7 @@ class Scheduler:
 
     @property
     def running_rows(self) -> int:
-        return sum(len(r.alive) for r in self.running)
+        return sum(len(r.alive) for r in self.running) + sum(b.rows for b in self.beams)
 
     # ---- the scheduler thread ----
 
@@ -200,32 +262,44 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.cond:
-                    while not self.waiting and not self.running:
+                    while not (self.waiting or self.running or self.beams or self.stopped or self.embeds):
                         if self.stopping:
                             return
                         self.cond.wait()
                     admitted = self._admit()
-                for job in (j for j in admitted if not j.batched):
-                    self._guard([job], lambda: self._run_alone(job))
-                joining = [j for j in admitted if j.batched]
-                if joining:
-                    self._guard(joining, lambda: self._join(joining))
-                if self.running:
-                    self._guard([r.job for r in self.running], self._step)
+                self._start(admitted)
+                if self.embeds:
+                    job = self.embeds[0][0]
+                    self._guard([job], self._embed_chunk)
+                if self.running or self.beams or self.stopped:
+                    jobs = [r.job for r in self.running] + [b.job for b in self.beams + [s[0] for s in self.stopped]]
+                    self._guard(jobs, self._step)
 
     def _admit(self) -> list[Job]:
-        """Pop waiting jobs FIFO while their rows fit next to the running ones (lock held)."""
+        """Pop waiting jobs FIFO while their decode rows fit next to the running ones (lock held)."""
         room = self.max_batch_size - self.running_rows
         out = []
         while self.waiting:
             job = self.waiting[0]
-            if not job.cancelled and job.batched and job.rows > room:
+            decodes = job.kind == "generate"
+            if not job.cancelled and decodes and job.rows > room:
                 break
             self.waiting.popleft()
             if not job.cancelled:
                 out.append(job)
-                room -= job.rows if job.batched else 0
+                room -= job.rows if decodes else 0
         return out
+
+    def _start(self, jobs: list[Job]) -> None:
+        """Greedy / sampling jobs join the shared batch, beam jobs start their groups, embed jobs queue."""
+        joining = [j for j in jobs if j.kind == "generate" and j.cfg.num_beams == 1]
+        if joining:
+            self._guard(joining, lambda: self._join(joining))
+        for job in jobs:
+            if job.kind == "embed":
+                self.embeds.append((job, []))
+            elif job.cfg.num_beams > 1:
+                self._guard([job], lambda job=job: self.beams.append(BeamRun(job, self.model, self.device)))
 
     def _guard(self, jobs: list[Job], fn: Callable[[], None]) -> None:
         """Run fn; if it raises, the jobs get the error and their rows leave, the server serves on.
@@ -244,42 +318,46 @@ class Scheduler:
                 if gone:
                     run.alive = []
             self._keep(keep)
+            self.beams = [b for b in self.beams if id(b.job) not in failed]
+            self.stopped = [s for s in self.stopped if id(s[0].job) not in failed]
+            self.embeds = deque(e for e in self.embeds if id(e[0]) not in failed)
 
-    def _run_alone(self, job: Job) -> None:
-        """Beam search and embeddings: the whole job now, between two decode steps."""
-        ids, mask = job.padded(self.device)
-        if job.kind == "embed":
-            hidden = self.model.encode(ids, mask)  # (B, S, C)
-            if job.pool == "mean":
-                vectors = mean_pool(hidden, mask).float().tolist()
-            else:
-                vectors = [h[:int(m.sum())].float().tolist() for h, m in zip(hidden, mask)]
+    def _embed_chunk(self) -> None:
+        """Encode the next rows of the oldest embed job: as many as fit in ENCODE_TOKENS padded
+        tokens (at least one; rows go longest first, so the first sets the padded length)."""
+        job, vectors = self.embeds[0]
+        if job.cancelled:
+            self.embeds.popleft()
+            return
+        lo = len(vectors)
+        n = max(1, ENCODE_TOKENS // len(job.ids[job.order[lo]]))
+        ids, mask = job.padded(self.device, slice(lo, lo + n))
+        hidden = self.model.encode(ids, mask)  # (b, S, C)
+        if job.pool == "mean":
+            vectors.extend(mean_pool(hidden, mask).float().tolist())  # the chunk's one host sync
+        else:
+            lengths = [len(job.ids[i]) for i in job.order[lo:lo + n]]
+            vectors.extend(h[:k] for h, k in zip(hidden.float().tolist(), lengths))
+        if len(vectors) == len(job.ids):
+            self.embeds.popleft()
             embeddings = [None] * len(job.ids)
             for row, i in enumerate(job.order):
                 embeddings[i] = vectors[row]
-            job.emit(("done", {"embeddings": embeddings, "usage": {"input_tokens": sum(map(len, job.ids))}}))
-            return
-        out = generate(self.model, ids, mask, config=job.cfg)
-        pad = self.model.config.pad_token_id
-        rows = [[t for t in row if t != pad] for row in out.tolist()]
-        if job.stream:
-            r = job.cfg.num_return_sequences
-            for row, toks in enumerate(rows):
-                text = self.tok.decode(toks)
-                if text:
-                    job.emit(("piece", job.order[row // r], row % r, text))
-        job.emit(("done", job.result(self.tok, rows)))
+            job.emit(("done", {"embeddings": embeddings, "usage": job.usage()}))
 
     def _join(self, jobs: list[Job]) -> None:
-        """Encode the new jobs' inputs in one pass and append their rows to the running batch."""
+        """Encode the new jobs' inputs in one pass and append their rows to the shared batch."""
         rows = [job.ids[i] for job in jobs for i in job.order]
-        ids, mask = pad_rows(rows, device=self.device)
+        ids, mask = (upload(x, self.device) for x in pad_rows(rows))
         memory = self.model.encode(ids, mask)  # (B, S, C)
-        repeat = torch.tensor([job.cfg.num_return_sequences for job in jobs for _ in job.ids], device=self.device)
-        memory, mask = memory.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
+        # each input once per returned sequence, by an index built on the host (no sync)
+        repeat = [k for k, r in enumerate(job.cfg.num_return_sequences for job in jobs for _ in job.ids)
+                  for _ in range(r)]
+        repeat = upload(torch.tensor(repeat, dtype=torch.long), self.device)
+        memory, mask = memory.index_select(0, repeat), mask.index_select(0, repeat)
         cache = self.model.new_cache(memory, mask, max(job.cfg.max_new_tokens for job in jobs))
         start = self.model.config.decoder_start_token_id
-        new = [Running(job, start, self.device) for job in jobs]
+        new = [Running(job, self.tok, start, self.device) for job in jobs]
         first = torch.full((len(memory), 1), start, dtype=torch.long, device=self.device)
         # the batch state changes only here, after everything that may fail
         self.cache = cache if self.cache is None else DecodeCache.cat([self.cache, cache])
@@ -287,39 +365,57 @@ class Scheduler:
         self.running.extend(new)
 
     def _step(self) -> None:
-        """One decode step for every running row (N, 1) -> tokens; finished rows leave."""
+        """One decode step for every running row, with one host sync; finished and cancelled rows leave."""
         eos = self.model.config.eos_token_id
-        logits = Decoding(self.model, self.cache)(self.last)  # (N, V) fp32
-        picked, keep, lo = [], [], 0
+        self.beams = [b for b in self.beams if not b.job.cancelled]  # their rows leave now
+        self.stopped = [s for s in self.stopped if not s[0].job.cancelled]
+        if not (self.running or self.beams or self.stopped):
+            return
+        fetch = []  # int64 device tensors, brought to the host in one copy
+        if self.running:
+            logits = engine.Decoding(self.model, self.cache)(self.last)  # (N, V) fp32
+            picked, lo = [], 0
+            for run in self.running:
+                picked.append(run.pick(logits[lo:lo + len(run.alive)], eos))
+                lo += len(run.alive)
+            self.last = torch.cat(picked)[:, None]
+            fetch.append(self.last.view(-1))
+        fetch += [b.advance() for b in self.beams]
+        fetch += [torch.cat([out.view(-1), lengths]) for _, (out, lengths) in self.stopped]
+        values = torch.cat(fetch).tolist()  # the step's one host sync
+
+        keep, lo = [], 0
         for run in self.running:
             cancelled = run.job.cancelled  # read once: the HTTP side may set it at any time
             n = len(run.alive)
-            picked.append(next_token(run.cfg, run.history, logits[lo:lo + n], eos, run.generator))
+            kept = [False] * n if cancelled else run.advance(values[lo:lo + n], eos)
             lo += n
-            alive = run.alive
-            kept = run.advance(picked[-1], eos)
-            if run.job.stream and not cancelled:
-                run.stream_pieces(self.tok, alive, [not k for k in kept])
-            if cancelled:
-                kept = [False] * n
-            elif not any(kept):
-                run.job.emit(("done", run.job.result(self.tok, run.tokens)))
-            run.history = run.history[torch.tensor(kept, device=self.device)]
-            run.alive = [row for row, k in zip(alive, kept) if k]
+            if not any(kept):
+                run.alive = []
+                if not cancelled:
+                    run.job.emit(("done", run.job.result(self.tok, run.tokens)))
+            elif not all(kept):
+                run.select(kept)
             keep.extend(kept)
-        self.last = torch.cat(picked)[:, None]
+        flags, lo = values[lo:lo + len(self.beams)], lo + len(self.beams)
+        for beam, _ in self.stopped:
+            size = beam.search.b * beam.job.cfg.num_return_sequences * (beam.search.m + 1)
+            beam.finish(self.tok, values[lo:lo + size])
+            lo += size
+        self.stopped = [(b, b.search.output()) for b, stop in zip(self.beams, flags) if stop]
+        self.beams = [b for b, stop in zip(self.beams, flags) if not stop]
         self._keep(keep)
 
     def _keep(self, keep: list[bool]) -> None:
-        """Keep the running rows marked True (N flags in batch order; each job's `alive` already
+        """Keep the shared rows marked True (N flags in batch order; each job's `alive` already
         says the same): drop the others from the cache, and jobs left with no rows from the batch."""
         if all(keep):
             return
-        rows = torch.tensor(keep, device=self.device).nonzero().squeeze(1)
         self.running = [r for r in self.running if r.alive]
         if not self.running:
             self.cache = self.last = None
             return
+        rows = upload(_index(keep), self.device)
         self.cache.select(rows)
-        self.last = self.last[rows]
+        self.last = self.last.index_select(0, rows)
         self.cache.truncate(max(r.cfg.max_new_tokens for r in self.running))

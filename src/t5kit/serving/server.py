@@ -4,8 +4,9 @@ scheduler (scheduler.py), which owns the model on its own thread.
 Endpoints: POST /v1/generate (JSON, or Server-Sent Events with "stream": true), POST /v1/embed,
 GET /health (503 until the model is loaded and after shutdown began), GET /metrics (Prometheus),
 and FastAPI's /docs. Errors are JSON {"error": {"field": ..., "message": ...}}: 400 malformed
-JSON, 422 a bad field, 413 an input over --max-input-tokens, 401 a missing or wrong API key, 503
-(with Retry-After) a full queue or a server shutting down, 504 a request over --timeout.
+JSON, 422 a bad field, 413 an input over --max-input-tokens (unless "truncate": true: then
+usage.truncated_inputs counts the inputs cut), 401 a missing or wrong API key, 503 (with
+Retry-After) a full queue or a server shutting down, 504 a request over --timeout.
 
 The web stack is imported inside the functions that need it (the [serve] extra), so `t5kit`
 builds its command line without it.
@@ -97,7 +98,7 @@ def _schemas():
         model_config = ConfigDict(extra="forbid")
         inputs: str | list[str] = Field(description="a text, or a list of texts")
         truncate: bool = Field(False, description="keep the first --max-input-tokens tokens of longer inputs "
-                                                  "instead of answering 413")
+                                                  "instead of answering 413; usage.truncated_inputs counts them")
 
         @field_validator("inputs")
         @classmethod
@@ -238,8 +239,9 @@ def create_app(cfg: ServeConfig):
         err = _validation_error(request.url.path, e.errors())
         return JSONResponse(err.body(), err.status)
 
-    def encode(texts: list[str], truncate: bool) -> list[list[int]]:
-        m, out = cfg.max_input_tokens, []
+    def encode(texts: list[str], truncate: bool) -> dict:
+        """-> the Job fields `ids` and `truncated` (how many inputs were cut: usage.truncated_inputs)."""
+        m, out, truncated = cfg.max_input_tokens, [], 0
         for i, text in enumerate(texts):
             ids = tok.encode(text)
             if len(ids) > m:
@@ -247,8 +249,9 @@ def create_app(cfg: ServeConfig):
                     raise ApiError(413, f"inputs.{i}", f"input {i} has {len(ids)} tokens, more than "
                                    f"--max-input-tokens {m}; send \"truncate\": true to keep its first {m}")
                 ids = truncate_ids(ids, m, tok.eos_id)  # as `t5kit generate` truncates
+                truncated += 1
             out.append(ids)
-        return out
+        return {"ids": out, "truncated": truncated}
 
     def submit(job_kw: dict, arrival: float) -> tuple[Job, asyncio.Queue, float]:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -299,8 +302,8 @@ def create_app(cfg: ServeConfig):
         if gen.max_new_tokens > cfg.max_new_tokens_limit:
             raise ApiError(422, "parameters.max_new_tokens", f"max_new_tokens={gen.max_new_tokens}: expected at "
                                                              f"most --max-new-tokens-limit {cfg.max_new_tokens_limit}")
-        ids = encode(body.inputs, body.truncate)
-        job, events, deadline = submit(dict(kind="generate", ids=ids, cfg=gen, seed=seed, stream=body.stream), arrival)
+        inputs = encode(body.inputs, body.truncate)
+        job, events, deadline = submit(dict(kind="generate", **inputs, cfg=gen, seed=seed, stream=body.stream), arrival)
         if not body.stream:
             async for event in outcome(job, events, deadline, request):
                 pass
@@ -328,7 +331,7 @@ def create_app(cfg: ServeConfig):
 
     @app.post("/v1/embed", summary="the encoder's output, mean-pooled unless pool is none")
     async def embed(body: EmbedRequest, request: Request):
-        job, events, deadline = submit(dict(kind="embed", ids=encode(body.inputs, body.truncate), pool=body.pool),
+        job, events, deadline = submit(dict(kind="embed", **encode(body.inputs, body.truncate), pool=body.pool),
                                        time.monotonic())
         async for event in outcome(job, events, deadline, request):
             pass
