@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from t5kit.cli import main
-from t5kit.data.pretraining import DataConfig, SpanCorruptionBatches, raw_segments
+from t5kit.data.pretraining import DataConfig, SpanCorruptionBatches
 from t5kit.data.spans import random_spans_helper
 from t5kit.data.store import TokenStore, build_token_store
 from t5kit.data.tokenizer import Tokenizer, train_tokenizer
@@ -34,9 +34,9 @@ def test_batches_deterministic_resumable_and_sharded(corpus, tmp_path):
     build_token_store([str(corpus / "c.txt")], tok, str(tmp_path / "store"), progress=False)
     store = TokenStore(str(tmp_path / "store"), tok)
     raw_len = random_spans_helper(32)[0]
-    segments = raw_segments(store.offsets, raw_len)
+    segments = store.segments(raw_len)
     make = lambda rank=0, world=1, pack=True: SpanCorruptionBatches(  # noqa: E731
-        store.tokens, segments, DataConfig(inputs_length=32), tok.sentinel_id(0), 4, rank=rank, world=world, pack=pack)
+        segments, DataConfig(inputs_length=32), tok.sentinel_id(0), 4, rank=rank, world=world, pack=pack)
     a = make()
     first = [next(a) for _ in range(3)]
     b = make()
@@ -56,8 +56,8 @@ def test_packed_rows_hold_whole_examples_with_their_own_segments(corpus, tmp_pat
     tok = Tokenizer.from_pretrained(corpus / "tok")
     build_token_store([str(corpus / "c.txt")], tok, str(tmp_path / "store"), progress=False)
     store = TokenStore(str(tmp_path / "store"), tok)
-    segments = raw_segments(store.offsets, random_spans_helper(64)[0], group_docs=2)  # many short group tails to pack
-    it = SpanCorruptionBatches(store.tokens, segments, DataConfig(inputs_length=64), tok.sentinel_id(0), 8)
+    segments = store.segments(random_spans_helper(64)[0], group_docs=2)  # many short group tails to pack
+    it = SpanCorruptionBatches(segments, DataConfig(inputs_length=64), tok.sentinel_id(0), 8)
     packed_rows = 0
     for _ in range(20):
         b = next(it)

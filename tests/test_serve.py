@@ -683,3 +683,32 @@ def test_beam_request_neither_stalls_others_nor_outlives_its_timeout(beam_server
         r = long.result()
     assert r.status_code == 504 and 2.5 < time.monotonic() - t0 < 10
     assert _wait_for(lambda: beam_server.metric("t5kit_batch_rows") == 0, 2.0)
+
+
+@pytest.mark.dist
+def test_adapter_merged_at_start_up_answers_as_the_adapted_model(copy_model_dir, tmp_path):
+    """Issue 21: `serve --adapter` merges a LoRA adapter into the weights at start-up; its answers
+    are those of the model with the adapter unmerged (model/lora.LoRALinear) and differ from the
+    base model's."""
+    from t5kit.model.lora import LoraConfig, add_lora, save_adapter
+    adapted = t5kit.T5.from_pretrained(copy_model_dir)
+    lora = LoraConfig(4, 8, targets=("q", "v", "wo"))
+    gen = torch.Generator().manual_seed(0)
+    add_lora(adapted, lora, gen)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0.0, 0.3, generator=gen)
+    save_adapter(adapted, str(tmp_path / "adapter"), lora)
+    tok = Tokenizer.from_pretrained(copy_model_dir)
+    texts = ["copy: cat dog", "copy: whale", "copy: lion tiger eagle"]
+    want = [r.outputs for r in generate_texts(adapted.eval(), tok, texts, max_new_tokens=12)]
+    base = [r.outputs for r in generate_texts(t5kit.T5.from_pretrained(copy_model_dir), tok, texts, max_new_tokens=12)]
+    assert want != base
+    s = Server(copy_model_dir, "--adapter", str(tmp_path / "adapter"))
+    try:
+        r = s.post("/v1/generate", {"inputs": texts, "parameters": {"max_new_tokens": 12}}, headers={})
+    finally:
+        s.stop()
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"] == want

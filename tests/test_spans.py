@@ -5,9 +5,12 @@ import pytest
 
 from t5kit.data.spans import (
     corrupted_lengths,
+    fit_lengths,
+    noise_and_spans,
     noise_span_to_unique_sentinel,
     random_spans_helper,
     random_spans_noise_mask,
+    sentinel_pair,
     span_corrupt,
 )
 
@@ -56,3 +59,24 @@ def test_sentinels_count_down_and_byt5():
     mask = np.array([0, 1, 1, 0, 0, 1, 0, 0, 1, 1], bool)
     assert noise_span_to_unique_sentinel(tokens, mask, 32099).tolist() == [10, 32099, 13, 14, 32098, 16, 17, 32097]
     assert noise_span_to_unique_sentinel(tokens, ~mask, 258).tolist() == [258, 11, 12, 257, 15, 256, 18, 19]
+
+
+UL2_SETTINGS = [(0.15, 3.0), (0.15, 8.0), (0.5, 3.0), (0.5, 8.0), (0.15, 64.0), (0.5, 64.0)]  # (r, mu) of R1 .. X4
+
+
+@pytest.mark.parametrize("rate, mean_span", UL2_SETTINGS)
+def test_fit_lengths_hold_every_shorter_segment(rate, mean_span):
+    """Issue 20: for fit_lengths' raw length, a segment of any length up to it corrupts, as the noise
+    mask draws it (`noise_and_spans` counts), into at most the fitted inputs / targets lengths with
+    at most max_spans sentinels, and the full length fills them."""
+    for inputs_length, targets_length in [(32, None), (128, 29), (512, None), (512, 114)]:
+        raw, most_inputs, most_targets = fit_lengths(inputs_length, targets_length, rate, mean_span, max_spans=100)
+        assert most_inputs <= inputs_length and (targets_length is None or most_targets <= targets_length)
+        for n in range(2, raw + 1, 1 if raw < 200 else 7):
+            mask = random_spans_noise_mask(n, np.random.default_rng(n), rate, mean_span)
+            starts = mask & ~np.concatenate([[False], mask[:-1]])
+            assert (mask.sum(), starts.sum()) == noise_and_spans(n, rate, mean_span) and starts.sum() <= 100
+            inputs, targets = sentinel_pair(np.arange(5, 5 + n), mask, 32099)
+            assert len(inputs) <= most_inputs and len(targets) <= most_targets
+        mask = random_spans_noise_mask(raw, np.random.default_rng(0), rate, mean_span)
+        assert [len(x) for x in sentinel_pair(np.arange(5, 5 + raw), mask, 32099)] == [most_inputs, most_targets]

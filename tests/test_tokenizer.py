@@ -113,3 +113,33 @@ def test_no_tokenizer_files(tmp_path):
 
 def test_public_names():
     assert t5kit.Tokenizer is Tokenizer and t5kit.train_tokenizer is train_tokenizer
+
+
+LITERALS = "the </s> fox <pad> dog <extra_id_0> x <unk><extra_id_1> ▁the"
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizers", "byt5"])
+def test_literal_special_tokens_in_corpus_text_stay_text(sp_dir, tmp_path, kind):
+    """Issue 18: with parse_special=False (pretraining documents) `</s>`, `<pad>`, `<extra_id_0>` are
+    their characters, as seqio encodes them: the SentencePiece model's own ids for the whole string
+    (the tokenizer.json twin gives the same), ByT5 bytes; the default (task text) reads them as ids."""
+    import shutil
+
+    import sentencepiece as spm
+
+    if kind == "tokenizers":
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(sp_dir / name, tmp_path)
+    folder = tmp_path if kind == "tokenizers" else sp_dir
+    tok = Tokenizer.byt5() if kind == "byt5" else Tokenizer.from_pretrained(folder)
+    assert tok.kind == kind
+    plain = tok.encode(LITERALS, add_eos=False, parse_special=False)
+    if kind == "byt5":
+        assert plain == [b + 3 for b in LITERALS.encode("utf-8")]
+    else:
+        assert plain == spm.SentencePieceProcessor(model_file=str(sp_dir / "spiece.model")).encode(LITERALS)
+    assert tok.encode(LITERALS, parse_special=False) == plain + [tok.eos_id]
+    control = {tok.pad_id, tok.eos_id} | ({tok.sentinel_id(0), tok.sentinel_id(1)} if kind != "byt5" else set())
+    assert not control & set(plain)
+    assert control <= set(tok.encode(LITERALS))  # task text: the special tokens' ids, as transformers gives them
+    assert tok.encode("", parse_special=False) == [tok.eos_id]

@@ -49,7 +49,8 @@ def cmd_generate(args) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     try:
-        model = T5.from_pretrained(args.model, dtype=resolve_dtype(args.dtype), device=args.device)
+        model = T5.from_pretrained(args.model, dtype=resolve_dtype(args.dtype), device=args.device,
+                                   adapter=args.adapter)
         tok = Tokenizer.from_pretrained(args.model)
         tok.check_model_vocab(model.config.vocab_size, f"{args.model}/config.json")
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
@@ -117,6 +118,7 @@ def _add_generate(sub) -> None:
                                    "Prints one output per line (JSONL with --json).")
     p.add_argument("prompt", nargs="*", help="prompt texts")
     p.add_argument("--model", required=True, help="checkpoint directory or hub id (config.json + weights + tokenizer)")
+    p.add_argument("--adapter", help="LoRA adapter folder or hub id (peft's format), merged into the weights at load")
     p.add_argument("--input", help="file with one prompt per line, or - for stdin")
     p.add_argument("--output", help="write outputs here (atomically) instead of stdout")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
@@ -202,7 +204,7 @@ def _run_job(cls, job, args) -> int:
         return 2
     finally:
         parallel.shutdown()
-    if main:
+    if main and result is not None:  # None: the job printed its own output (pretrain --show-examples)
         print(json.dumps(result, indent=1, default=str))
     return 0
 
@@ -223,8 +225,9 @@ def _add_jobs(sub) -> None:
         serve,
     )
     _add_job(sub, "pretrain", PretrainConfig, pretrain,
-             "pretrain a T5 with span corruption (Megatron pretrain_t5.py flags)",
-             "Span-corruption pretraining. With no --data-path it trains on the embedded public-domain corpus "
+             "pretrain a T5 with span corruption, UL2 or a prefix LM (Megatron pretrain_t5.py flags)",
+             "Pretraining by span corruption (default), UL2's mixture of denoisers or a prefix LM (--objective); "
+             "--show-examples N prints N examples of the data as JSON lines instead of training. With no --data-path it trains on the embedded public-domain corpus "
              "(needs the [demo] extra) after training its own tokenizer.")
     _add_job(sub, "finetune", FinetuneConfig, finetune, "fine-tune a T5 on text-to-text tasks",
              "Fine-tune on one task or a mixture (--train FILE[:PREFIX] ...), validating by loss or a "
@@ -241,6 +244,10 @@ def _add_jobs(sub) -> None:
              "An HTTP server (FastAPI + uvicorn, the [serve] extra) with continuous batching: POST /v1/generate "
              "(JSON or Server-Sent Events), POST /v1/embed, GET /health, GET /metrics (Prometheus), /docs. "
              "SIGTERM stops admission, finishes the requests in flight and exits 0.")
+    from .jobs.export import ExportConfig, export
+    _add_job(sub, "export", ExportConfig, export, "merge a LoRA adapter into its base model",
+             "Writes --out, a plain HF checkpoint (safetensors, config.json, tokenizer) of --model with --adapter "
+             "merged in, streamed tensor by tensor; transformers and CTranslate2 load it.")
     _add_job(sub, "demo", DemoConfig, demo, "the end-to-end English -> French demo",
              "Builds an English -> French Bible corpus split by whole books, trains a tokenizer, pretrains "
              "with span corruption, fine-tunes, evaluates BLEU / chrF on held-out books and writes "
@@ -250,24 +257,45 @@ def _add_jobs(sub) -> None:
 def cmd_preprocess(args) -> int:
     from .data.store import build_token_store
     from .data.tokenizer import Tokenizer
+    megatron = args.tokenizer_type or args.tokenizer_model or args.vocab_file
+    if bool(args.tokenizer) == bool(megatron):
+        _err("give --tokenizer DIR, or Megatron's --tokenizer-type with --vocab-file / --tokenizer-model")
+        return 2
     try:
-        tok = Tokenizer.from_pretrained(args.tokenizer)
-        header = build_token_store(args.input, tok, args.out, workers=args.workers, skip_bad_lines=args.skip_bad_lines)
-    except (FileNotFoundError, ValueError) as e:
+        tok = Tokenizer.from_megatron(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                                      args.vocab_extra_ids) if megatron else Tokenizer.from_pretrained(args.tokenizer)
+        header = build_token_store(args.input, tok, args.out, workers=args.workers, skip_bad_lines=args.skip_bad_lines,
+                                   text_field=args.text_field, fmt=args.format)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         _err(str(e))
         return 2
-    _err(f"wrote {args.out}: {header['n_tokens']:,} tokens in {header['n_docs']:,} documents"
+    written = f"{args.out}.bin / .idx" if args.format == "megatron" else args.out
+    _err(f"wrote {written}: {header['n_tokens']:,} tokens in {header['n_docs']:,} documents"
          + (f" ({header['skipped_lines']} bad lines skipped)" if header["skipped_lines"] else ""))
     return 0
 
 
 def _add_preprocess(sub) -> None:
-    p = sub.add_parser("preprocess", help="tokenize corpora into a memory-mapped token store")
-    p.add_argument("--input", nargs="+", required=True, help=".txt (one document per line), .jsonl, .parquet")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub id")
+    p = sub.add_parser("preprocess", help="tokenize corpora into a memory-mapped token store",
+                       description="Tokenizes corpora once into a t5kit token store folder, or with --format megatron "
+                                   "into Megatron-LM's OUT.bin / OUT.idx, which `t5kit pretrain --data-path` and "
+                                   "Megatron-LM both read.")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="files, directories or glob patterns (quoted or not): .txt (one document per line), .jsonl / "
+                        ".json (JSON lines), each also .gz / .zst, and .parquet")
+    p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text (default: text)")
+    p.add_argument("--format", default="t5kit", choices=["t5kit", "megatron"],
+                   help="t5kit: a store folder OUT; megatron: OUT.bin + OUT.idx (MMIDIDX) (default: t5kit)")
+    p.add_argument("--tokenizer", help="tokenizer directory or hub id (or Megatron's flags below)")
+    from .jobs.pretrain import PretrainConfig
+    for name in ("tokenizer_type", "tokenizer_model", "vocab_file", "vocab_extra_ids"):  # as `t5kit pretrain` has them
+        f = PretrainConfig.__dataclass_fields__[name]
+        p.add_argument("--" + name.replace("_", "-"), type=type(f.default) if f.default is not None else str,
+                       default=f.default, help=f.metadata["help"])
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) lines that are not UTF-8")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip (and count) bad lines: not UTF-8, not a JSON object, text null or not a string")
     p.set_defaults(func=cmd_preprocess)
 
 

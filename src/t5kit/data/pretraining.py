@@ -1,5 +1,6 @@
-"""Span-corruption batches for pretraining: a token store's documents, concatenated in groups and
-cut into raw segments (`raw_segments`), each span-corrupted (spans.py) into fixed-shape batches,
+"""Span-corruption batches for pretraining: raw segments from a segment source (sources.py: one
+store's `raw_segments`, or a `Blend`), each made an example by the objective (objectives.py: span
+corruption, UL2's denoisers or a prefix LM) and batched in fixed shapes,
 short group tails packed first-fit (tasks.first_fit); resumable, sharded by rank, reshardable; and
 the fixed held-out evaluation set (`held_out_batches`)."""
 
@@ -9,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .spans import random_spans_helper, span_corrupt
+from .objectives import Denoiser, Objective, span_objective
+from .sources import Permutation, Strided
 from .tasks import collate, first_fit
 
 
@@ -21,36 +23,27 @@ class DataConfig:
     seed: int = 1234
 
 
-def raw_segments(offsets: np.ndarray, raw_len: int, group_docs: int = 128) -> np.ndarray:
-    """(start, length) of each raw segment, (N, 2). Documents are concatenated in groups of
-    `group_docs` with no separator (seqio `reduce_concat_tokens(batch_size=128)`) and each group's
-    stream is cut into `raw_len` pieces (`split_tokens`), so each group ends in a shorter tail.
-
-    >>> raw_segments(np.array([0, 5, 9, 20]), raw_len=4, group_docs=2).tolist()
-    [[0, 4], [4, 4], [8, 1], [9, 4], [13, 4], [17, 3]]
-    """
-    bounds = np.append(offsets[:-1:group_docs], offsets[-1])
-    return np.array([(a, min(raw_len, end - a)) for start, end in zip(bounds[:-1], bounds[1:])
-                     for a in range(int(start), int(end), raw_len)], dtype=np.int64).reshape(-1, 2)
-
-
 class SpanCorruptionBatches:
-    """Fixed-shape batches of span-corrupted raw segments (see `raw_segments`).
+    """Fixed-shape batches of span-corrupted raw segments of a segment source (sources.py).
 
-    Order: each epoch a permutation of the segments seeded by (seed, epoch); rank r of w takes
-    every w-th, so ranks never overlap. Each example's noise mask is seeded by (seed, epoch,
-    segment), so a position resumes exactly from `state()`. Short segments (group tails) are packed
-    first-fit several to a row with segment ids, so packed examples never attend to each other (t5x
-    `EncDecFeatureConverter(pack=True)`), or dropped with pack=False.
+    Order: each epoch a permutation of the segments seeded by (seed, epoch) and computed one index at
+    a time (`sources.Permutation`); rank r of w takes every w-th, so ranks never overlap. Each
+    example's noise mask is seeded by (seed, epoch, segment), so a position resumes exactly from
+    `state()`. Short segments (group tails) are packed first-fit several to a row with segment ids,
+    so packed examples never attend to each other (t5x `EncDecFeatureConverter(pack=True)`), or
+    dropped with pack=False.
     Batch: int64 arrays input_ids (B, I), decoder_input_ids and labels (B, T), and when packing
     segment_ids (B, I) and decoder_segment_ids (B, T), 1-based per row, 0 = padding."""
 
-    def __init__(self, tokens: np.ndarray, segments: np.ndarray, cfg: DataConfig, first_sentinel: int,
-                 batch_size: int, rank: int = 0, world: int = 1, eos: int = 1, pad: int = 0, pack: bool = True):
-        self.tokens, self.cfg, self.first_sentinel, self.eos, self.pad = tokens, cfg, first_sentinel, eos, pad
-        self.raw_len, self.targets_length = random_spans_helper(cfg.inputs_length, cfg.noise_density,
-                                                                cfg.mean_noise_span_length)
-        self.segments = segments if pack else segments[segments[:, 1] == self.raw_len]
+    def __init__(self, segments, cfg: DataConfig, first_sentinel: int, batch_size: int, rank: int = 0,
+                 world: int = 1, eos: int = 1, pad: int = 0, pack: bool = True, objective: Objective | None = None):
+        self.cfg, self.first_sentinel, self.eos, self.pad = cfg, first_sentinel, eos, pad
+        # how a segment becomes an example (objectives.py; default: span corruption with cfg's settings); the
+        # segments hold objective.segment_length tokens, the longest raw length of its denoisers
+        self.objective = objective or span_objective(cfg.inputs_length, first_sentinel, eos, cfg.noise_density,
+                                                     cfg.mean_noise_span_length)
+        self.raw_len, self.targets_length = self.objective.segment_length, self.objective.targets_length
+        self.segments = segments if pack else segments.full_only()
         self.batch_size, self.rank, self.world, self.pack = batch_size, rank, world, pack
         if len(self.segments) < world * batch_size:
             raise ValueError(f"corpus gives {len(self.segments)} segments of <= {self.raw_len} tokens, fewer than "
@@ -70,35 +63,59 @@ class SpanCorruptionBatches:
         order at r, r + w, ...: after p_r examples each, the stream is consumed below U = max over
         ranks of r + w (p_r - 1) + 1. This run's ranks continue at ceil(U / world): exact when the
         old ranks were level and world divides U (no example skipped or repeated), otherwise
-        nothing is repeated and the holes are skipped.
+        nothing is repeated and the holes are skipped. A rank still on an older epoch had its tail
+        of that epoch left unread: those examples count as skipped too.
 
-        >>> b = object.__new__(SpanCorruptionBatches); b.world = 1
+        >>> b = object.__new__(SpanCorruptionBatches); b.world, b.segments = 1, range(10)
         >>> b.reshard([{"epoch": 0, "position": 3}, {"epoch": 0, "position": 3}])
         ({'epoch': 0, 'position': 6}, 0)
+        >>> b.reshard([{"epoch": 1, "position": 1}, {"epoch": 0, "position": 4}])  # rank 1's 5th example unread
+        ({'epoch': 1, 'position': 1}, 1)
         """
-        w, epoch = len(states), max(int(s["epoch"]) for s in states)
+        w, epoch, n = len(states), max(int(s["epoch"]) for s in states), len(self.segments)
         pos = [int(s["position"]) if int(s["epoch"]) == epoch else 0 for s in states]
+        behind = sum(-(-(n - r) // w) * (epoch - int(s["epoch"])) - int(s["position"])
+                     for r, s in enumerate(states) if int(s["epoch"]) < epoch)
         end = max((r + w * (p - 1) + 1 for r, p in enumerate(pos) if p), default=0)
         new = -(-end // self.world)
-        return {"epoch": epoch, "position": new}, new * self.world - sum(pos)
+        return {"epoch": epoch, "position": new}, new * self.world - sum(pos) + behind
 
-    def _order(self, epoch: int) -> np.ndarray:
+    def _order(self, epoch: int, rank: int | None = None, world: int | None = None) -> Strided:
+        """Segment indices rank `rank` of `world` (default: this one) reads in `epoch`, lazily."""
         if self._order_cache[0] != epoch:
-            perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.segments))
-            self._order_cache = (epoch, perm[self.rank::self.world])
-        return self._order_cache[1]
+            self._order_cache = (epoch, Permutation(len(self.segments), [self.cfg.seed, epoch]))
+        rank, world = (self.rank, self.world) if rank is None else (rank, world)
+        return Strided(self._order_cache[1], rank, world)
+
+    def denoised(self, epoch: int, index: int) -> tuple[Denoiser, np.ndarray, np.ndarray, dict]:
+        """Segment `index` in `epoch` -> (its denoiser, inputs, targets, info) (`Objective.example`). The
+        denoiser is drawn and applied with a Generator seeded by (seed, epoch, index) alone, so an
+        example is the same whatever the rank count or the resume point."""
+        raw = self.segments.raw(index)
+        rng = np.random.default_rng([self.cfg.seed, epoch, index])
+        return self.objective.example(raw, rng)
 
     def example(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        start, length = self.segments[index]
-        raw = np.asarray(self.tokens[start:start + length], dtype=np.int64)
-        rng = np.random.default_rng([self.cfg.seed, epoch, index])
-        return span_corrupt(raw, rng, self.first_sentinel, self.eos, self.cfg.noise_density,
-                            self.cfg.mean_noise_span_length)
+        return self.denoised(epoch, index)[1:3]
 
-    def _peek(self) -> tuple[np.ndarray, np.ndarray]:
+    def _next(self) -> tuple[int, int]:
+        """(epoch, segment index) of the next example, moving on to the next epoch at the end of one."""
         if self.position >= len(self._order(self.epoch)):
             self.epoch, self.position = self.epoch + 1, 0
-        return self.example(self.epoch, int(self._order(self.epoch)[self.position]))
+        return self.epoch, int(self._order(self.epoch)[self.position])
+
+    def _peek(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.example(*self._next())
+
+    def upcoming(self, n: int) -> list[tuple[Denoiser, np.ndarray, np.ndarray, dict]]:
+        """The next n examples of this rank's stream as `denoised` gives them, none consumed
+        (`t5kit pretrain --show-examples`)."""
+        state, out = self.state(), []
+        for _ in range(n):
+            out.append(self.denoised(*self._next()))
+            self._take(None)
+        self.load_state(state)
+        return out
 
     def __iter__(self):
         return self
@@ -115,10 +132,9 @@ class SpanCorruptionBatches:
         return collate(rows, self.pad, shape, self.pack)
 
 
-def held_out_batches(tokens: np.ndarray, segments: np.ndarray, cfg: DataConfig, first_sentinel: int, batch_size: int,
-                     n: int, **kw) -> list[dict]:
+def held_out_batches(segments, cfg: DataConfig, first_sentinel: int, batch_size: int, n: int, **kw) -> list[dict]:
     """A fixed evaluation set: the first `n` batches of the segments' stream as one process reads it
     (rank 0 of 1), so every layout evaluates the same batches, given whole to every rank (the
     training loop splits them over the data-parallel ranks and keeps them in checkpoints)."""
-    stream = SpanCorruptionBatches(tokens, segments, cfg, first_sentinel, batch_size, **kw)
+    stream = SpanCorruptionBatches(segments, cfg, first_sentinel, batch_size, **kw)
     return [next(stream) for _ in range(n)]

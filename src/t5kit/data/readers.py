@@ -1,73 +1,236 @@
 """Readers: corpora and task files as text, with malformed lines named by file and line.
 
-Corpora (`iter_documents`, for the tokenizer and the token store): .txt, one document per line, or
-.jsonl with a text field; .parquet through `datasets`. Task files (`read_examples`, for fine-tuning
-and evaluation) give (input, target) pairs: .jsonl / .csv / .tsv / .parquet files, a `datasets`
-save_to_disk directory, or "hf:NAME[@SPLIT]". A spec "FILE:PREFIX" prepends PREFIX to every input
-("translate English to French: ", T5 paper section 2.4).
+Corpora (`expand_inputs`, `iter_documents`, for the tokenizer and the token store): files,
+directories and glob patterns, expanded in sorted order; .txt (one document per line), .jsonl /
+.json (JSON lines with a text field), each also as .gz (stdlib gzip) or .zst (`zstandard`), and
+.parquet read in record batches with pyarrow. C4 as published (`c4-train.00000-of-01024.json.gz`,
+lines {"text", "timestamp", "url"}) and the Pile (`.jsonl.zst`) read as they are. Task files
+(`read_examples`, for fine-tuning and evaluation) give (input, target) pairs: .jsonl / .csv / .tsv /
+.parquet files, a `datasets` save_to_disk directory, or "hf:NAME[@SPLIT]". A spec "FILE:PREFIX"
+prepends PREFIX to every input ("translate English to French: ", T5 paper section 2.4).
 
-A line that is not UTF-8, not a JSON object, or lacks a field is a `BadLine`: an error naming the
-file and line, or with --skip-bad-lines a skipped, counted line.
+A line that is not UTF-8, not a JSON object, lacks a field, holds null or a non-string where text
+belongs, or (CSV) holds a field over the csv module's limit is a `BadLine`: an error naming the
+file and line (row), or with --skip-bad-lines a skipped, counted line. A corrupt or truncated .gz /
+.zst file cannot be read past the damage: it is always an error, naming the last line read.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
+import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 EXTENSIONS = (".jsonl", ".csv", ".tsv", ".parquet")
+CORPUS_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
+COMPRESSIONS = (".gz", ".zst")
 
 
 class BadLine(ValueError):
     """A malformed line or row: an error, or with TaskSource.skip_bad_lines skipped and counted."""
 
 
+def _zstd_chunks(path: str, size: int = 1 << 20) -> Iterator[bytes]:
+    """A .zst file's decompressed bytes, frame after frame (zstd's own stream reader ends quietly
+    on a truncated frame, so frames are followed here and an unfinished one is an error)."""
+    try:
+        import zstandard
+    except ImportError:
+        raise ValueError(f"{path}: reading .zst needs zstandard (pip install zstandard)") from None
+    dctx = zstandard.ZstdDecompressor()
+    with open(path, "rb") as f:
+        obj, fed = dctx.decompressobj(), False
+        while data := f.read(size):
+            while data:
+                out = obj.decompress(data)
+                fed = True
+                if out:
+                    yield out
+                data = b""
+                if obj.eof:  # the next frame starts in what this one left over
+                    data, obj, fed = obj.unused_data, dctx.decompressobj(), False
+        if fed and not obj.eof:
+            raise EOFError("the file ends inside a zstd frame")
+
+
+def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    buf, scanned = bytearray(), 0
+    for chunk in chunks:
+        buf += chunk
+        start = 0
+        while (end := buf.find(b"\n", scanned)) != -1:
+            yield bytes(buf[start:end + 1])
+            start = scanned = end + 1
+        del buf[:start]
+        scanned = len(buf)
+    if buf:
+        yield bytes(buf)
+
+
+def _binary_lines(path: str) -> Iterator[bytes]:
+    if path.endswith(".zst"):
+        yield from _split_lines(_zstd_chunks(path))
+    else:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            yield from f
+
+
+def _decompression_errors() -> tuple:
+    errors = [EOFError, zlib.error, gzip.BadGzipFile]
+    try:
+        import zstandard
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def utf8_lines(path: str) -> Iterator[str | BadLine]:
     """The file's lines split at b"\n" (as JSONL defines them; endings kept), a line that is not
-    UTF-8 as a BadLine naming its line and byte offset; a leading byte-order mark is dropped."""
-    offset = 0
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+    UTF-8 as a BadLine naming its line and byte offset; a leading byte-order mark is dropped.
+    .gz and .zst files are decompressed; damage in them is a ValueError naming the line reached."""
+    offset, n, lines = 0, 0, _binary_lines(path)
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            return
+        except _decompression_errors() as e:
+            raise ValueError(f"{path}: corrupt or truncated {os.path.splitext(path)[1]} file: it breaks off after "
+                             f"line {n} ({e})") from None
+        n += 1
+        try:
+            text = raw.decode("utf-8")
+            yield text.removeprefix("\ufeff") if n == 1 else text  # as spreadsheet exports write
+        except UnicodeDecodeError as e:
+            yield BadLine(f"{path}: line {n} is not UTF-8 (byte offset {offset + e.start})")
+        offset += len(raw)
+
+
+def corpus_format(path: str) -> str:
+    """'txt', 'jsonl' or 'parquet' for a corpus file, by its extension under .gz / .zst; a file of
+    another extension is read as text, one document per line."""
+    base = path.lower()
+    for c in COMPRESSIONS:
+        base = base.removesuffix(c)
+    if base.endswith((".jsonl", ".json")):
+        return "jsonl"
+    if base.endswith(".parquet"):
+        if base != path.lower():
+            raise ValueError(f"{path}: compressed parquet is not read (parquet compresses its own pages)")
+        return "parquet"
+    return "txt"
+
+
+def _is_corpus_file(path: str) -> bool:
+    base = path.lower()
+    for c in COMPRESSIONS:
+        base = base.removesuffix(c)
+    return base.endswith(CORPUS_EXTENSIONS) and os.path.isfile(path)
+
+
+def expand_inputs(specs: list[str]) -> list[str]:
+    """Corpus files from files, directories (their corpus files, recursively) and glob patterns
+    (`*`, `?`, `[...]`, `**`: quoted ones are expanded here, as the shell would), each in sorted order.
+
+    A spec that matches nothing is a FileNotFoundError naming it."""
+    if not specs:
+        raise ValueError("no corpus files given (--data-path / --input)")
+    out = []
+    for spec in specs:
+        if os.path.isdir(spec):
+            found = sorted(os.path.join(d, f) for d, _, files in os.walk(spec) for f in files
+                           if _is_corpus_file(os.path.join(d, f)))
+            what = f"{spec}: a directory with no corpus file ({', '.join(CORPUS_EXTENSIONS)}, optionally .gz / .zst)"
+        elif os.path.isfile(spec):
+            found, what = [spec], ""
+        elif glob.has_magic(spec):
+            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            what = f"{spec}: no file matches this pattern"
+        else:
+            found, what = [], f"{spec}: corpus file not found"
+        if not found:
+            raise FileNotFoundError(what)
+        out.extend(found)
+    return out
+
+
+def _document(path: str, where: str, obj, text_field: str) -> str | BadLine:
+    if not isinstance(obj, dict):
+        return BadLine(f"{path}: {where} is not a JSON object (got {type(obj).__name__})")
+    if text_field not in obj:
+        return BadLine(f"{path}: {where} has no {text_field!r} field (keys: {', '.join(map(str, list(obj)[:20]))}); "
+                       f"set --text-field")
+    return _text_value(path, where, text_field, obj[text_field])
+
+
+def _text_value(path: str, where: str, field: str, value) -> str | BadLine:
+    if not isinstance(value, str):
+        got = "null" if value is None else f"{type(value).__name__} {str(value)[:40]}"
+        return BadLine(f"{path}: {where} field {field!r} is {got}, not a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+        return BadLine(f"{path}: {where} field {field!r} holds an unpaired surrogate escape, which is not text")
+    return value
+
+
+def _parquet_documents(path: str, text_field: str, batch_rows: int = 1024) -> Iterator[str | BadLine]:
+    """A parquet file's text column, record batch by record batch (never the whole file)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading parquet needs pyarrow (pip install 't5kit[data]')") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError, pa.ArrowException) as e:  # ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); set --text-field")
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            yield _text_value(path, f"row {row}", text_field, value)
+
+
+def _raw_documents(path: str, text_field: str) -> Iterator[str | BadLine]:
+    kind = corpus_format(path)
+    if kind == "parquet":
+        yield from _parquet_documents(path, text_field)
+        return
+    for n, line in enumerate(utf8_lines(path), 1):
+        if isinstance(line, BadLine) or kind == "txt":
+            yield line.rstrip("\r\n") if isinstance(line, str) else line
+        elif line.strip():
             try:
-                text = raw.decode("utf-8")
-                yield text.removeprefix("\ufeff") if n == 1 else text  # as spreadsheet exports write
-            except UnicodeDecodeError as e:
-                yield BadLine(f"{path}: line {n} is not UTF-8 (byte offset {offset + e.start})")
-            offset += len(raw)
+                obj = json.loads(line)
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, int too long, nesting too deep
+                yield BadLine(f"{path}: line {n} is not a JSON object ({str(e)[:80]})")
+                continue
+            yield _document(path, f"line {n}", obj, text_field)
 
 
 def iter_documents(path: str, skip_bad_lines: bool = False, text_field: str = "text",
                    stats: dict | None = None) -> Iterator[str]:
-    """Documents of a .txt (one per line; blank lines skipped) or .jsonl ({text_field: ...}) file.
-    A line that is not UTF-8 is an error naming the file and byte offset, or with skip_bad_lines
-    is counted in stats['skipped'] and skipped. .parquet goes through `datasets` (the [data] extra)."""
-    if path.endswith(".parquet"):
-        try:
-            import datasets
-        except ImportError:
-            raise ValueError(f"{path}: reading parquet needs the [data] extra (pip install t5kit[data])") from None
-        for row in datasets.load_dataset("parquet", data_files=path, split="train"):
-            yield row[text_field]
-        return
-    for n, line in enumerate(utf8_lines(path), 1):
-        if isinstance(line, BadLine):
+    """The non-blank documents of one corpus file (see the module's docstring for the formats). A
+    bad line is an error naming the file and line, or with skip_bad_lines is counted in
+    stats['skipped'] and skipped."""
+    for doc in _raw_documents(path, text_field):
+        if isinstance(doc, BadLine):
             if not skip_bad_lines:
-                raise ValueError(f"{line}; fix the file or pass --skip-bad-lines")
+                raise ValueError(f"{doc}; fix the file or pass --skip-bad-lines")
             if stats is not None:
                 stats["skipped"] = stats.get("skipped", 0) + 1
-            continue
-        if path.endswith(".jsonl"):
-            if not line.strip():
-                continue
-            try:
-                line = json.loads(line)[text_field]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}: line {n} is not a JSON object with a {text_field!r} string") from None
-        if line.strip():
-            yield line.rstrip("\n")
+        elif doc.strip():
+            yield doc
 
 
 def check_files(paths: list[str]) -> None:
@@ -76,14 +239,15 @@ def check_files(paths: list[str]) -> None:
     for p in paths:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p}: corpus file not found")
+        corpus_format(p)
 
 
-def check_corpus(paths: list[str], skip_bad_lines: bool = False) -> int:
+def check_corpus(paths: list[str], skip_bad_lines: bool = False, text_field: str = "text") -> int:
     """Read every document once before any heavy work (tokenizer training, tokenization), so a
-    missing file, an empty corpus or a line that is not UTF-8 is reported by file, line and byte
-    offset rather than by SentencePiece. -> number of documents."""
+    missing file, an empty corpus, a bad line or a damaged .gz / .zst is reported by file and line
+    rather than by SentencePiece. -> number of documents."""
     check_files(paths)
-    n = sum(1 for p in paths for _ in iter_documents(p, skip_bad_lines))
+    n = sum(1 for p in paths for _ in iter_documents(p, skip_bad_lines, text_field))
     if n == 0:
         raise ValueError(f"empty corpus: no text in {', '.join(paths)}")
     return n
@@ -261,18 +425,27 @@ def _csv_rows(path: str, source: TaskSource, delimiter: str) -> Iterator[tuple[s
             if field not in header:
                 raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(header)}); set --{flag}")
             cols.append(header.index(field))
-        for row in reader:
+    except csv.Error as e:  # e.g. a header field over the csv module's size limit
+        raise ValueError(f"{path}: line {reader.line_num} is not valid {kind} ({e})") from None
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # a field over the csv module's size limit: the reader resumes at the next line
             yield from bad
             bad.clear()
-            if not row:  # blank line
-                continue
-            if len(row) != len(header):
-                yield BadLine(f"{path}: line {reader.line_num} has {len(row)} cells, the header has {len(header)}")
-                continue
-            yield row[cols[0]], row[cols[1]]
+            yield BadLine(f"{path}: line {reader.line_num} is not valid {kind} ({e})")
+            continue
         yield from bad
-    except csv.Error as e:  # e.g. a field over the csv module's size limit; the reader cannot go on
-        raise ValueError(f"{path}: line {reader.line_num} is not valid {kind} ({e})") from None
+        bad.clear()
+        if not row:  # blank line
+            continue
+        if len(row) != len(header):
+            yield BadLine(f"{path}: line {reader.line_num} has {len(row)} cells, the header has {len(header)}")
+            continue
+        yield row[cols[0]], row[cols[1]]
+    yield from bad
 
 
 def _column_rows(path: str, source: TaskSource, columns: list[str], get) -> Iterator[tuple[str, str] | BadLine]:

@@ -1,8 +1,13 @@
-"""T5 tokenizers: SentencePiece (spiece.model), `tokenizers` (tokenizer.json) and ByT5 bytes.
+"""T5 tokenizers: SentencePiece (spiece.model), `tokenizers` (tokenizer.json), ByT5 bytes, and
+Megatron-LM's BERT WordPiece (vocab.txt) with T5's roles.
 
 T5 ids everywhere: pad 0, eos 1, unk 2, no BOS, `</s>` appended; `<extra_id_i>` is
 `vocab_size - 1 - i` (seqio `sentinel_id`; transformers `_convert_token_to_id`). ByT5: byte b is
-b + 3, and span-corruption sentinels count down from 258 (T5_REFERENCE 3.3).
+b + 3, and span-corruption sentinels count down from 258 (T5_REFERENCE 3.3). WordPiece: pad [PAD]
+(0), EOS [EOS], unk [UNK], sentinels counting down from the top (`_WordPiece`).
+
+Special tokens' text: `encode(text)` reads `</s>`, `<extra_id_0>`, ... as their ids, as transformers
+does; `encode(text, parse_special=False)` keeps every character text, as seqio does (issue 18).
 
 `legacy` (transformers PR #24565): with legacy=False (default, seqio's behaviour) text right after
 a special token gets no dummy-prefix `▁`, so "<extra_id_0>. Hello" -> [32099, 5, 8774].
@@ -16,13 +21,15 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
-from ..atomic import atomic_path, write_json
+from ..atomic import atomic_path, write_json, write_text
 from ..model.hub import resolve_dir
 
 PAD, EOS, UNK = 0, 1, 2
 SPECIAL_TEXT = {"<pad>": PAD, "</s>": EOS, "<unk>": UNK}
-SPIECE, TOKENIZER_JSON = "spiece.model", "tokenizer.json"
+SPIECE, TOKENIZER_JSON, VOCAB_TXT = "spiece.model", "tokenizer.json", "vocab.txt"
 BYTE_OFFSET = 3  # ByT5: byte b -> id b + 3
+WORDPIECE_TYPES = {"BertWordPieceCase": False, "BertWordPieceLowerCase": True}  # Megatron type -> lower_case
+MEGATRON_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", *WORDPIECE_TYPES)
 
 
 class _SentencePiece:
@@ -51,6 +58,9 @@ class _SentencePiece:
             return self.sp_no_prefix.encode(chunk)
         return self.sp.encode(chunk)
 
+    def encode_text(self, text: str) -> list[int]:
+        return self.sp.encode(text)  # SentencePiece never matches its control pieces (<pad>, </s>) in text
+
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
@@ -63,6 +73,7 @@ class _Tokenizers:
             self.tk = HFTokenizer.from_file(path)
         except Exception as e:
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+        self.text_tk = _text_only(self.tk)
         self.size = self.tk.get_vocab_size(with_added_tokens=True)
         for piece, want in (("<pad>", PAD), ("</s>", EOS), ("<unk>", UNK)):
             if self.tk.token_to_id(piece) != want:
@@ -71,18 +82,123 @@ class _Tokenizers:
     def encode(self, chunk: str, after_special: bool) -> list[int]:
         return self.tk.encode(chunk, add_special_tokens=False).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        return self.text_tk.encode(text, add_special_tokens=False).ids
+
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=False)
+
+
+def _text_only(tk):
+    """A copy of the `tokenizers` pipeline `tk` that encodes the special tokens' text as text: not
+    split out of the text first (`encode_special_tokens`), and not matched by the model either, whose
+    vocabulary lists them as ordinary pieces in T5's tokenizer.json (`</s>` would still come out as
+    id 1). There they are renamed with a leading space, which no pre-tokenized word contains."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    spec = json.loads(tk.to_str())
+    specials = {t["content"] for t in spec["added_tokens"] if t["special"]}
+    model = spec["model"]
+    if model["type"] == "Unigram":
+        model["vocab"] = [[" " + p if p in specials else p, score] for p, score in model["vocab"]]
+    elif isinstance(model.get("vocab"), dict):  # WordPiece, BPE, WordLevel: their unk is found by name
+        renamed = specials - {model.get("unk_token")}
+        model["vocab"] = {(" " + p if p in renamed else p): i for p, i in model["vocab"].items()}
+    text_tk = HFTokenizer.from_str(json.dumps(spec))
+    text_tk.encode_special_tokens = True
+    return text_tk
 
 
 class _Bytes:
     size = 256 + BYTE_OFFSET
 
     def encode(self, chunk: str, after_special: bool) -> list[int]:
-        return [b + BYTE_OFFSET for b in chunk.encode("utf-8")]
+        return self.encode_text(chunk)
+
+    def encode_text(self, text: str) -> list[int]:
+        return [b + BYTE_OFFSET for b in text.encode("utf-8")]
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i - BYTE_OFFSET for i in ids if BYTE_OFFSET <= i < 256 + BYTE_OFFSET).decode("utf-8", errors="ignore")
+
+
+class _WordPiece:
+    """Megatron-LM's BertWordPieceCase / BertWordPieceLowerCase (`_BertWordPieceTokenizer`,
+    megatron/training/tokenizer/tokenizer.py until NVIDIA/Megatron-LM#2946, over its copy of Google's
+    bert_tokenization.py), built on `tokenizers`:
+    - vocab.txt: one token a line, stripped, id = line number;
+    - text: control characters dropped, CJK characters split, lowercased and accents stripped for
+      the LowerCase type, split on whitespace and punctuation; then greedy longest-match WordPiece with
+      `##` continuations, a word over 200 characters becoming [UNK] (Megatron's limit; transformers' is 100);
+    - Megatron appends [BOS] and [EOS] (unless the vocabulary has them), then `vocab_extra_ids` sentinels.
+    T5's roles: pad [PAD] (0 in BERT vocabularies, also T5's decoder start), EOS [EOS], unk [UNK].
+
+    One departure, by design: Megatron names its first appended sentinel <extra_id_0> and gives it to
+    the first noise span (`T5MaskedWordPieceDataset`). Here the same ids are named in T5's order, the
+    top id <extra_id_0> counting down (`sentinel_id`), as in every T5 vocabulary. Text ids, [BOS] and
+    [EOS] are Megatron's, so its .bin files (text and [EOS] only, no sentinels) read unchanged."""
+
+    def __init__(self, vocab_file: str, lower_case: bool, extra_ids: int, where: str):
+        """`where` names the file in errors: '--vocab-file PATH', or the vocab.txt of an exported folder."""
+        from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers.models import WordPiece
+
+        self.tokens, self.lower_case = _read_vocab_txt(vocab_file, where), lower_case
+        vocab = {t: i for i, t in enumerate(self.tokens)}
+        if vocab.get("[PAD]") != PAD:
+            raise ValueError(f"{where}: [PAD] has id {vocab.get('[PAD]')}, expected 0 (T5 pads and starts the "
+                             "decoder with id 0)")
+        if "[UNK]" not in vocab:
+            raise ValueError(f"{where}: no [UNK] token; WordPiece needs one for words it cannot split")
+        for t in ("[BOS]", "[EOS]"):  # Megatron's `add_token`: appended unless present
+            vocab.setdefault(t, len(vocab))
+        sentinels = [f"<extra_id_{i}>" for i in reversed(range(extra_ids))]
+        for t in sentinels:
+            if t in vocab:
+                raise ValueError(f"{where}: line {vocab[t] + 1} is {t}; the sentinels are appended by "
+                                 "--vocab-extra-ids, not listed in the vocabulary")
+            vocab[t] = len(vocab)
+        self.size = len(vocab)
+        self.pad, self.eos, self.unk = PAD, vocab["[EOS]"], vocab["[UNK]"]
+        self.specials = {t: vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]",
+                                               *sentinels) if t in vocab}
+        self.special_ids = frozenset(self.specials.values())
+        tk = HFTokenizer(WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##",
+                                   max_input_chars_per_word=200))
+        tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                   strip_accents=lower_case, lowercase=lower_case)
+        tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tk.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self.specials])
+        tk.post_processor = processors.TemplateProcessing(  # T5: `A [EOS]`, pairs `A [EOS] B [EOS]`, no BOS
+            single=["$A", "[EOS]"], pair=["$A", "[EOS]", "$B", "[EOS]"], special_tokens=[("[EOS]", self.eos)])
+        self.tk = tk  # as saved in tokenizer.json: transformers parses the special tokens' text
+        self.text_tk = _text_only(tk)  # t5kit parses them itself, or not at all (Tokenizer.encode)
+
+    def encode(self, chunk: str, after_special: bool) -> list[int]:
+        return self.encode_text(chunk)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.text_tk.encode(text, add_special_tokens=False).ids
+
+
+def _read_vocab_txt(path: str, where: str) -> list[str]:
+    """BERT's vocab.txt as Megatron's `load_vocab` reads it: one token a line, stripped, id = line
+    number. A repeated token is an error: Megatron would then append [BOS] on an id already taken."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tokens = [line.strip() for line in f]
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"{where}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.start})") from None
+    seen: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if t in seen:
+            raise ValueError(f"{where}: line {i + 1} repeats {t!r} from line {seen[t] + 1}")
+        seen[t] = i
+    return tokens
 
 
 class Tokenizer:
@@ -91,23 +207,37 @@ class Tokenizer:
     def __init__(self, backend, kind: str, extra_ids: int = 100, legacy: bool = False, source: str = ""):
         self.backend, self.kind, self.extra_ids, self.legacy, self.source = backend, kind, extra_ids, legacy, source
         self.vocab_size = backend.size if kind != "byt5" else backend.size + 125  # HF ByT5: 125 extra ids
-        names = list(SPECIAL_TEXT) + ([f"<extra_id_{i}>" for i in range(extra_ids)] if kind == "sentencepiece" else [])
-        self._special = re.compile("(" + "|".join(map(re.escape, names)) + ")")
-        self.pad_id, self.eos_id, self.unk_id = PAD, EOS, UNK
+        if kind == "wordpiece":
+            self.specials = dict(backend.specials)  # text -> id of the tokens `encode` parses
+            self.pad_id, self.eos_id, self.unk_id = backend.pad, backend.eos, backend.unk
+        else:
+            sentinels = range(extra_ids) if kind == "sentencepiece" else ()
+            self.specials = {**SPECIAL_TEXT, **{f"<extra_id_{i}>": self.vocab_size - 1 - i for i in sentinels}}
+            self.pad_id, self.eos_id, self.unk_id = PAD, EOS, UNK
+        self.added: list[str] = []  # special tokens appended after every id (`add_special_tokens`)
+        self._special = self._specials_pattern()
+
+    def _specials_pattern(self) -> re.Pattern:
+        return re.compile("(" + "|".join(map(re.escape, self.specials)) + ")")
 
     # ---- construction ----
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, legacy: bool = False) -> "Tokenizer":
-        """spiece.model (preferred), else tokenizer.json, else ByT5 bytes when the folder's config says
-        ByT5 (tokenizer_class ByT5Tokenizer, or vocab_size 384 with no vocabulary file). If a model
-        config.json sits beside it, its vocab_size must fit this tokenizer (`check_model_vocab`)."""
-        folder = resolve_dir(path_or_hub_id, allow_patterns=["*.json", "*.model"])
+        """spiece.model (preferred), else Megatron's WordPiece when tokenizer_config.json names its type
+        (vocab.txt, as `save_pretrained` writes it), else tokenizer.json, else ByT5 bytes when the
+        folder's config says ByT5 (tokenizer_class ByT5Tokenizer, or vocab_size 384 with no vocabulary
+        file). If a model config.json sits beside it, its vocab_size must fit this tokenizer
+        (`check_model_vocab`)."""
+        folder = resolve_dir(path_or_hub_id, allow_patterns=["*.json", "*.model", VOCAB_TXT])
         tcfg = _read_json(os.path.join(folder, "tokenizer_config.json"))
         mcfg = _read_json(os.path.join(folder, "config.json"))
         extra_ids = int(tcfg.get("extra_ids", 100))
         if os.path.isfile(os.path.join(folder, SPIECE)):
             tok = cls(_SentencePiece(os.path.join(folder, SPIECE), extra_ids), "sentencepiece", extra_ids, legacy, folder)
+        elif tcfg.get("megatron_tokenizer_type") in WORDPIECE_TYPES:
+            vocab = os.path.join(folder, VOCAB_TXT)
+            tok = cls.wordpiece(vocab, WORDPIECE_TYPES[tcfg["megatron_tokenizer_type"]], extra_ids, vocab, folder)
         elif os.path.isfile(os.path.join(folder, TOKENIZER_JSON)):
             tok = cls(_Tokenizers(os.path.join(folder, TOKENIZER_JSON)), "tokenizers", extra_ids, legacy, folder)
         elif tcfg.get("tokenizer_class") == "ByT5Tokenizer" or mcfg.get("vocab_size") == 384:
@@ -115,6 +245,10 @@ class Tokenizer:
         else:
             raise FileNotFoundError(f"{folder}: no tokenizer found; expected {SPIECE}, {TOKENIZER_JSON}, or a "
                                     "ByT5 config (tokenizer_class ByT5Tokenizer or vocab_size 384)")
+        added = tcfg.get("t5kit_added_tokens", [])  # written by save_pretrained after `add_special_tokens`
+        if added and tok.kind == "tokenizers":
+            tok.vocab_size -= len(added)  # tokenizer.json holds them already, on top of every other id
+        tok.add_special_tokens(added)
         if "vocab_size" in mcfg:
             tok.check_model_vocab(int(mcfg["vocab_size"]), os.path.join(folder, "config.json"))
         return tok
@@ -123,14 +257,83 @@ class Tokenizer:
     def byt5(cls) -> "Tokenizer":
         return cls(_Bytes(), "byt5", extra_ids=0, source="byt5")
 
+    @classmethod
+    def wordpiece(cls, vocab_file: str, lower_case: bool, extra_ids: int = 100, where: str | None = None,
+                  source: str | None = None) -> "Tokenizer":
+        """Megatron's BERT WordPiece over `vocab_file` with T5's roles (`_WordPiece`)."""
+        return cls(_WordPiece(vocab_file, lower_case, extra_ids, where or vocab_file), "wordpiece", extra_ids,
+                   source=source or vocab_file)
+
+    @classmethod
+    def from_megatron(cls, tokenizer_type: str | None, tokenizer_model: str | None = None,
+                      vocab_file: str | None = None, vocab_extra_ids: int = 100) -> "Tokenizer":
+        """Megatron-LM's --tokenizer-type with its --tokenizer-model / --vocab-file / --vocab-extra-ids
+        (no type with a --vocab-file: BertWordPieceLowerCase, the default of Megatron's pretrain_t5.py):
+        - BertWordPieceCase, BertWordPieceLowerCase: --vocab-file, BERT's vocab.txt (`_WordPiece`);
+        - SentencePieceTokenizer: --tokenizer-model, a SentencePiece model with T5's ids (pad 0, eos 1,
+          unk 2), the sentinels on top as HF's T5Tokenizer puts them. (Megatron's own wrapper first
+          appends <CLS> <SEP> <EOD> <MASK> <BOS>, which T5's span corruption does not use.);
+        - HuggingFaceTokenizer: --tokenizer-model, a directory or hub id read by `from_pretrained`
+          (its sentinels are its own, as in Megatron)."""
+        if tokenizer_type is None and not vocab_file:
+            raise ValueError(f"--tokenizer-model {tokenizer_model} needs --tokenizer-type SentencePieceTokenizer or "
+                             "HuggingFaceTokenizer")
+        tokenizer_type = tokenizer_type or "BertWordPieceLowerCase"
+        if tokenizer_type not in MEGATRON_TYPES:
+            raise ValueError(f"--tokenizer-type {tokenizer_type!r}: expected one of {', '.join(MEGATRON_TYPES)}")
+        flag, value = ("--vocab-file", vocab_file) if tokenizer_type in WORDPIECE_TYPES else \
+            ("--tokenizer-model", tokenizer_model)
+        if not value:
+            raise ValueError(f"--tokenizer-type {tokenizer_type} needs {flag}")
+        if tokenizer_type == "HuggingFaceTokenizer":
+            try:
+                return cls.from_pretrained(tokenizer_model)
+            except (FileNotFoundError, NotADirectoryError) as e:
+                raise FileNotFoundError(f"--tokenizer-model {e}") from None
+        if vocab_extra_ids < 1:
+            raise ValueError(f"--vocab-extra-ids {vocab_extra_ids}: span corruption needs sentinels (T5 has 100)")
+        if tokenizer_type in WORDPIECE_TYPES:
+            return cls.wordpiece(vocab_file, WORDPIECE_TYPES[tokenizer_type], vocab_extra_ids, f"{flag} {vocab_file}")
+        if not os.path.isfile(tokenizer_model):
+            raise FileNotFoundError(f"{flag} {tokenizer_model}: no such file (expected a SentencePiece .model)")
+        return cls(_SentencePiece(tokenizer_model, vocab_extra_ids), "sentencepiece", vocab_extra_ids,
+                   source=tokenizer_model)
+
     def check_model_vocab(self, model_vocab: int, source: str = "model config") -> None:
         """T5 pads the embedding up to a multiple of 128 (32100 -> 32128; ByT5 259 + 125 -> 384)."""
-        if not self.vocab_size <= model_vocab < self.vocab_size + 128:
+        n = len(self)
+        if not n <= model_vocab < n + 128:
             raise ValueError(f"{source}: vocab_size={model_vocab} does not fit tokenizer {self.source!r} with "
-                             f"{self.vocab_size} ids; expected {self.vocab_size}..{self.vocab_size + 127}")
+                             f"{n} ids; expected {n}..{n + 127}")
 
     def __len__(self) -> int:
-        return self.vocab_size
+        """Every id: `vocab_size` (the vocabulary and its sentinels) and the added tokens above it."""
+        return self.vocab_size + len(self.added)
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """The ids of `tokens`, special tokens such as UL2's mode tokens [NLU] [NLG] [S2S] (issue 20);
+        those the vocabulary lacks are appended after every id, as transformers' `add_special_tokens`
+        appends them, so the sentinels keep their ids. `encode` parses them in task text (not in corpus
+        text), `len` counts them, and `save_pretrained` writes them (tokenizer.json too)."""
+        if tokens and self.kind == "byt5":
+            raise ValueError(f"ByT5's byte vocabulary takes no added tokens ({' '.join(tokens)})")
+        from tokenizers import AddedToken
+        tk = getattr(self.backend, "tk", None)  # tokenizer.json and WordPiece: their own vocabulary learns them
+        for t in tokens:
+            if t in self.specials:
+                continue
+            i = self.backend.sp.piece_to_id(t) if self.kind == "sentencepiece" else tk.token_to_id(t)
+            if i is None or i >= self.vocab_size or (self.kind == "sentencepiece" and i == UNK):
+                i = len(self)
+                self.added.append(t)
+                if tk is not None:
+                    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)])
+                    if tk.token_to_id(t) != i:
+                        raise ValueError(f"{self.source}: {t} has id {tk.token_to_id(t)} in its tokenizer.json, "
+                                         f"expected {i} (after every other id)")
+            self.specials[t] = i
+        self._special = self._specials_pattern()
+        return [self.specials[t] for t in tokens]
 
     def fingerprint(self) -> str:
         """Identity of the id mapping, recorded in token stores: kind, size, hash of the vocabulary."""
@@ -139,6 +342,8 @@ class Tokenizer:
             blob = self.backend.model_bytes
         elif self.kind == "tokenizers":
             blob = self.backend.tk.to_str().encode()
+        elif self.kind == "wordpiece":  # the vocabulary and the casing; sentinels and [BOS]/[EOS] are in the size
+            blob = json.dumps([self.backend.lower_case, self.backend.tokens]).encode()
         else:
             blob = b"byt5"
         return f"{self.kind}:{self.vocab_size}:{hashlib.sha256(blob).hexdigest()[:16]}"
@@ -150,31 +355,44 @@ class Tokenizer:
         top = 255 + BYTE_OFFSET if self.kind == "byt5" else self.vocab_size - 1
         return top - i
 
-    def encode(self, text: str, add_eos: bool = True) -> list[int]:
+    def encode(self, text: str, add_eos: bool = True, parse_special: bool = True) -> list[int]:
+        """Text -> ids, ending in EOS with add_eos.
+
+        parse_special=True, for task text (fine-tuning and evaluation inputs and targets, prompts): the
+        special tokens' text (`</s>`, `<pad>`, `<extra_id_0>`, ...) becomes their ids, as transformers'
+        T5 tokenizers do by default. Fine-tuning parity with transformers (test_parity) needs the same
+        ids, and span-filling prompts write their sentinels this way ("The <extra_id_0> walks").
+        parse_special=False, for corpus text (pretraining documents, `store.py`): every character is
+        text, as seqio encodes (its vocabularies parse no special tokens), so a document that mentions
+        `</s>` puts no EOS or sentinel into the span-corruption stream (issue 18)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
         if self.kind == "sentencepiece":
             text = text.replace("\u2581", " ")  # a literal '▁' is a space, as in transformers
+        if not parse_special:
+            ids = self.backend.encode_text(text) if text else []
+            return ids + [self.eos_id] if add_eos else ids
         ids: list[int] = []
         after_special = False
         for j, part in enumerate(self._special.split(text)):
             if j % 2:  # a special token's text
-                ids.append(self._special_id(part))
+                ids.append(self.specials[part])
                 after_special = True
             elif part:
                 ids.extend(self.backend.encode(part, after_special and not self.legacy))
                 after_special = False
-        return ids + [EOS] if add_eos else ids
-
-    def _special_id(self, text: str) -> int:
-        if text in SPECIAL_TEXT:
-            return SPECIAL_TEXT[text]
-        return self.sentinel_id(int(text[len("<extra_id_"):-1]))
+        return ids + [self.eos_id] if add_eos else ids
 
     def is_special(self, i: int) -> bool:
+        if i >= self.vocab_size:  # an added token
+            return True
+        if self.kind == "wordpiece":
+            return i in self.backend.special_ids
         return i < BYTE_OFFSET or (self.kind == "sentencepiece" and i >= self.backend.base)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        if self.kind == "wordpiece":  # words are space-separated: decoded whole, as transformers does
+            return self.backend.tk.decode([int(x) for x in ids], skip_special_tokens=skip_special_tokens)
         out, run = [], []
         for i in (int(x) for x in ids):
             if not self.is_special(i):
@@ -190,6 +408,10 @@ class Tokenizer:
         return "".join(out) if skip_special_tokens else " ".join(o for o in out if o)
 
     def id_to_token(self, i: int) -> str:
+        if i >= self.vocab_size:
+            return self.added[i - self.vocab_size]
+        if self.kind == "wordpiece":
+            return self.backend.tk.id_to_token(i)
         if i < BYTE_OFFSET:
             return ("<pad>", "</s>", "<unk>")[i]
         if self.kind == "sentencepiece" and i >= self.backend.base:
@@ -222,10 +444,17 @@ class Tokenizer:
         if self.kind == "sentencepiece":
             with atomic_path(os.path.join(out_dir, SPIECE)) as tmp, open(tmp, "wb") as f:
                 f.write(self.backend.model_bytes)
-            write_json(os.path.join(out_dir, TOKENIZER_JSON), _tokenizer_json(self.backend, self.extra_ids))
+            write_json(os.path.join(out_dir, TOKENIZER_JSON), _tokenizer_json(self.backend, self.extra_ids, self.added))
         elif self.kind == "tokenizers":
             self.backend.tk.save(os.path.join(out_dir, TOKENIZER_JSON))
-        write_json(os.path.join(out_dir, "tokenizer_config.json"), _tokenizer_config(self))
+        elif self.kind == "wordpiece":  # vocab.txt for Megatron's --vocab-file; tokenizer.json for transformers
+            write_text(os.path.join(out_dir, VOCAB_TXT), "".join(t + "\n" for t in self.backend.tokens))
+            write_text(os.path.join(out_dir, TOKENIZER_JSON), self.backend.tk.to_str())
+        config = _tokenizer_config(self)
+        if self.added:  # for transformers (additional_special_tokens) and for `from_pretrained` (t5kit_added_tokens)
+            config.update(additional_special_tokens=config["additional_special_tokens"] + self.added,
+                          t5kit_added_tokens=self.added)
+        write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
 
 
 def truncate_ids(ids: list[int], max_length: int, eos: int = EOS) -> list[int]:
@@ -261,12 +490,18 @@ def _read_json(path: str) -> dict:
 def _tokenizer_config(tok: Tokenizer) -> dict:
     if tok.kind == "byt5":
         return {"tokenizer_class": "ByT5Tokenizer", "extra_ids": 125}
+    if tok.kind == "wordpiece":
+        b = tok.backend
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "extra_ids": tok.extra_ids,
+                "megatron_tokenizer_type": next(k for k, lower in WORDPIECE_TYPES.items() if lower == b.lower_case),
+                "pad_token": "[PAD]", "eos_token": "[EOS]", "unk_token": "[UNK]",
+                "additional_special_tokens": [f"<extra_id_{i}>" for i in range(tok.extra_ids)]}
     return {"tokenizer_class": "T5Tokenizer", "extra_ids": tok.extra_ids, "legacy": tok.legacy,
             "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
             "additional_special_tokens": [f"<extra_id_{i}>" for i in range(tok.extra_ids)]}
 
 
-def _tokenizer_json(sp: _SentencePiece, extra_ids: int) -> dict:
+def _tokenizer_json(sp: _SentencePiece, extra_ids: int, added: Sequence[str] = ()) -> dict:
     """The `tokenizers` pipeline that transformers builds for T5 from a SentencePiece model
     (transformers 5.x `T5Tokenizer`): Unigram over the pieces, the model's precompiled
     normalizer, whitespace split + Metaspace, `</s>` appended, sentinels as added tokens."""
@@ -283,7 +518,8 @@ def _tokenizer_json(sp: _SentencePiece, extra_ids: int) -> dict:
                                                 pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)])
     tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
-                           ["<pad>", "</s>", "<unk>"] + [f"<extra_id_{i}>" for i in reversed(range(extra_ids))]])
+                           ["<pad>", "</s>", "<unk>"] + [f"<extra_id_{i}>" for i in reversed(range(extra_ids))]
+                           + list(added)])  # added tokens after the sentinels: ids base + extra_ids + k
     tk.post_processor = processors.TemplateProcessing(single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"],
                                                       special_tokens=[("</s>", EOS)])
     return json.loads(tk.to_str())

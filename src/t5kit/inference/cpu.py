@@ -1,48 +1,95 @@
 """Weights laid out for CPU inference, applied from outside the model (it stays trainable code):
 
-- `pack_linears`: every nn.Linear becomes a `PackedLinear` whose weight is reordered once into
-  oneDNN's blocked layout, the layout its GEMM kernels read (what inductor's CPU `freezing` does
-  for compiled graphs). Same fp32 arithmetic, float rounding aside; measured on a 2-core x86 CPU,
-  t5-small greedy decoding ran 1.4-1.7x faster and beam 4 more, with identical ids: PyTorch's
-  default path repacks the weight on every call, which dominates a one-token step (the 32k x 512
-  LM head alone took 6 ms per call unpacked, 2 ms packed).
+- `pack_linears`: every nn.Linear becomes a `PackedLinear` holding its weight in the layout
+  measured fastest on this machine for that weight's shape (`choose_layout`): oneDNN's blocked
+  layout, the layout its GEMM kernels read (what inductor's CPU `freezing` does for compiled
+  graphs), packed without or with a batch-1 hint, or the weight as it is, for MKL's GEMV / GEMM
+  behind F.linear. Same fp32 arithmetic, float rounding aside. Measured on a 2-core AVX-512 Intel
+  CPU, packing made t5-small greedy decoding 1.4-1.7x faster than PyTorch's default path, which
+  repacks the weight on every call (the 32k x 512 LM head alone: 6 ms per call unpacked, 2 ms
+  packed); issue 19 asked that the layout be chosen per CPU class rather than assumed.
+- `fuse_qkv`: each decoder block's self-attention q, k and v become one (3*H*D, C) Linear, so a
+  decode step runs one GEMV there instead of three (`Attention.project_qkv`).
 - `quantize_int8`: PyTorch's dynamic quantization (fbgemm / x86 kernels, int8 weights per output
-  channel, activations quantized on the fly).
+  channel, activations quantized on the fly), over the fused q/k/v too: the three share their input,
+  so its one dynamic scale is the one each would get, and per-channel weights quantize row by row.
 
-Both give a tied LM head its own copy of the embedding table, so the model is for inference only.
+All give a tied LM head its own copy of the embedding table, so the model is for inference only.
 """
 
 from __future__ import annotations
 
+import functools
+import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..model.t5 import T5
 
+# How a Linear's weight is held (PackedLinear): oneDNN's blocked layout for any batch (PyTorch's
+# default hint), the same packed for one row (a decode step at batch 1), or row-major for F.linear.
+LAYOUTS = ("onednn", "onednn_b1", "plain")
+DEFAULT_LAYOUT = "onednn"  # the layout of every earlier release: kept unless another is clearly faster
+MARGIN = 0.9  # another layout is chosen only when it takes under 90% of the default's time
+_CHOSEN: dict[tuple, str] = {}  # layout_key -> layout: timed once per process, per CPU model and shape
 
-def _own_lm_head(model: T5) -> None:
-    """Tied models read the LM head from `shared`; give them a Linear to convert (a copy)."""
-    if model.lm_head is None:
-        model.lm_head = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False)
-        model.lm_head.weight = nn.Parameter(model.shared.weight.detach().clone())
+
+@functools.cache
+def cpu_info() -> dict:
+    """The CPU's model name and the ISA flags that pick oneDNN's, MKL's and fbgemm's kernels (Linux's
+    /proc/cpuinfo; "unknown" and no flags elsewhere). AMX shows as amx_tile."""
+    name, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": name, "cpu_flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile")}}
+
+
+def _last_level_cache_bytes() -> int:
+    """The largest CPU cache (Linux sysfs); 32 MiB where it cannot be read."""
+    import glob
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()
+        sizes.append(int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]] if text[-1] in "KM" else int(text))
+    return max(sizes, default=32 * 2**20)
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T with W held in oneDNN's blocked layout; x (..., in) -> (..., out)."""
+    """y = x W^T with W (out, in) held in `layout` (one of LAYOUTS); x (..., in) -> (..., out)."""
 
-    onednn_packed = True  # engine.py refuses to torch.compile these (inductor packs its own)
+    onednn_packed = True  # engine.py refuses to torch.compile pack_linears' weights (inductor packs its own)
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight: Tensor, layout: str):
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError("PackedLinear: T5 projections have no bias")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        if layout not in LAYOUTS:
+            raise ValueError(f"CPU weight layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+        self.out_features, self.in_features = weight.shape
+        self.layout = layout
+        weight = weight.detach().contiguous()
+        if layout == "plain":
+            self.weight = weight
+        else:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1 if layout == "onednn_b1" else None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.layout == "plain":
+            return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}"
 
 
 def can_pack(dtype: torch.dtype) -> bool:
@@ -52,10 +99,84 @@ def can_pack(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def layout_key(shape: tuple[int, int], dtype: torch.dtype) -> tuple:
+    """What a layout decision holds for: the CPU model, the thread count, the dtype and the (out, in) shape."""
+    return cpu_info()["cpu"], torch.get_num_threads(), str(dtype), *shape
+
+
+def choose_layout(shape: tuple[int, int], dtype: torch.dtype) -> str:
+    """The layout for an (out, in) weight: the cached decision for this CPU model, thread count and
+    dtype, else `time_layouts`' (then cached for the rest of the process)."""
+    key = layout_key(shape, dtype)
+    if key not in _CHOSEN:
+        _CHOSEN[key] = fastest(time_layouts(shape, dtype))
+    return _CHOSEN[key]
+
+
+def fastest(seconds: dict[str, float]) -> str:
+    """The default layout unless another takes under MARGIN of its time: timing noise must not move
+    a machine off the layout that served it (issue 19: no cost to AVX-512 Intel CPUs).
+
+    >>> fastest({"onednn": 1.0, "onednn_b1": 0.95, "plain": 0.8})
+    'plain'
+    >>> fastest({"onednn": 1.0, "onednn_b1": 0.95, "plain": 0.92})
+    'onednn'
+    """
+    best = min(seconds, key=seconds.get)
+    return best if seconds[best] < MARGIN * seconds[DEFAULT_LAYOUT] else DEFAULT_LAYOUT
+
+
+def time_layouts(shape: tuple[int, int], dtype: torch.dtype, rounds: int = 3) -> dict[str, float]:
+    """Seconds per one-row call (a decode step at batch 1) of an (out, in) weight in each layout,
+    the weights cold as in a decode step, where the whole model streams from memory: each pass calls
+    enough copies to fill twice the last-level cache (at most 64). Layouts take turns, so each sees
+    the same machine noise, and each keeps its fastest pass (noise only adds time)."""
+    out_f, in_f = shape
+    nbytes = out_f * in_f * torch.finfo(dtype).bits // 8
+    copies = max(1, min(64, -(-2 * _last_level_cache_bytes() // nbytes)))
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_f, in_f, generator=gen).to(dtype)
+    x = torch.randn(1, in_f, generator=gen).to(dtype)
+    layouts = {name: [PackedLinear(weight.clone(), name) for _ in range(copies)] for name in LAYOUTS}
+    best = dict.fromkeys(layouts, float("inf"))
+    with torch.inference_mode():
+        for r in range(rounds + 1):  # the first pass warms up (first-call primitive creation)
+            for name, mods in layouts.items():
+                t0 = time.perf_counter()
+                for m in mods:
+                    m(x)
+                if r:
+                    best[name] = min(best[name], (time.perf_counter() - t0) / copies)
+    return best
+
+
 @torch.no_grad()
-def pack_linears(model: T5) -> T5:
-    """Pack every Linear in place (CPU, eval only) and return the model; a no-op where oneDNN
-    cannot run the weights' dtype."""
+def fuse_qkv(model: T5) -> T5:
+    """Each decoder block's self-attention q, k, v (plain nn.Linear, not adapted or sharded) as one
+    `attn.qkv` Linear over their concatenated weights, rows [q; k; v]; q, k and v become None."""
+    for blk in model.decoder.blocks:
+        a = blk.attn
+        if a.qkv is None and all(type(m) is nn.Linear for m in (a.q, a.k, a.v)):
+            w = torch.cat([a.q.weight, a.k.weight, a.v.weight])  # (3*H*D, C)
+            a.qkv = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            a.qkv.weight.copy_(w)
+            a.q = a.k = a.v = None
+    return model
+
+
+def _own_lm_head(model: T5) -> None:
+    """Tied models read the LM head from `shared`; give them a Linear to convert (a copy)."""
+    if model.lm_head is None:
+        model.lm_head = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False)
+        model.lm_head.weight = nn.Parameter(model.shared.weight.detach().clone())
+
+
+@torch.no_grad()
+def pack_linears(model: T5, layouts: str | dict[tuple[int, int], str] | None = None) -> T5:
+    """Fuse q/k/v, then lay every Linear out for CPU (eval only), in place; returns the model.
+    layouts: None chooses per weight shape (`choose_layout`); a name in LAYOUTS holds for every
+    weight; a dict maps (out, in) shapes to names (shapes missing from it are chosen). Without oneDNN
+    for the weights' dtype the model is returned as it is."""
     w = model.shared.weight
     if w.device.type != "cpu":
         raise ValueError(f"packing is for CPU inference; the model is on {w.device}")
@@ -63,10 +184,15 @@ def pack_linears(model: T5) -> T5:
         return model
     model.eval()
     _own_lm_head(model)
+    fuse_qkv(model)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child))
+                if child.bias is not None:
+                    raise ValueError("PackedLinear: T5 projections have no bias")
+                shape = tuple(child.weight.shape)
+                layout = layouts if isinstance(layouts, str) else (layouts or {}).get(shape)
+                setattr(module, name, PackedLinear(child.weight, layout or choose_layout(shape, w.dtype)))
     return model
 
 
@@ -78,6 +204,7 @@ def quantize_int8(model: T5) -> T5:
         raise ValueError("--quantize int8 runs on CPU only (PyTorch's int8 dynamic kernels)")
     model.float().eval()
     _own_lm_head(model)
+    fuse_qkv(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices; the kernels are current
         return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)

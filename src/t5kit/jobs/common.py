@@ -38,7 +38,16 @@ def resolve_model_dir(spec: str) -> str:
     return spec
 
 
-def tokenizer_for(model_dir: str | None, tokenizer: str | None) -> Tokenizer:
+def tokenizer_for(model_dir: str | None, tokenizer: str | None, tokenizer_type: str | None = None,
+                  tokenizer_model: str | None = None, vocab_file: str | None = None,
+                  vocab_extra_ids: int = 100) -> Tokenizer:
+    """The job's tokenizer: Megatron-LM's --tokenizer-type with --tokenizer-model / --vocab-file /
+    --vocab-extra-ids (`Tokenizer.from_megatron`), else the --tokenizer directory, else the model's."""
+    if tokenizer_type or tokenizer_model or vocab_file:
+        if tokenizer:
+            raise ValueError(f"--tokenizer {tokenizer} and --tokenizer-type / --tokenizer-model / --vocab-file: "
+                             "give one tokenizer")
+        return Tokenizer.from_megatron(tokenizer_type, tokenizer_model, vocab_file, vocab_extra_ids)
     where = tokenizer or model_dir
     try:
         return Tokenizer.from_pretrained(where)

@@ -16,6 +16,8 @@ from .metrics import check_metrics, compute
 class EvalConfig(TaskFields):
     """Generate for a labelled set and score it."""
     model: str | None = option("HF directory, hub id, or a t5kit run directory", default=None)
+    adapter: str | None = option("LoRA adapter folder or hub id (peft's format), merged into the weights at load",
+                                 default=None)
     data: str | None = option("labelled file (.jsonl .csv .tsv .parquet, ...), FILE or FILE:PREFIX", default=None)
     metric: list[str] = option("bleu chrf rouge exact_match accuracy", default_factory=lambda: ["bleu", "chrf"])
     predictions: str | None = option("write {input, target, prediction} per example here (JSONL)", default=None)
@@ -50,7 +52,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
         raise ValueError(f"{source.path}: no examples to evaluate")
     model_dir = resolve_model_dir(cfg.model)
     tok = tokenizer_for(model_dir, cfg.tokenizer)
-    model = for_inference(from_pretrained(T5, model_dir, dtype=resolve_dtype(cfg.dtype), device=cfg.device))
+    model = for_inference(from_pretrained(T5, model_dir, dtype=resolve_dtype(cfg.dtype), device=cfg.device,
+                                          adapter=cfg.adapter))
     tok.check_model_vocab(model.config.vocab_size, f"{model_dir}/config.json")
     preds, cut = predict(model, tok, [i for i, _ in examples], cfg.batch_size, progress=progress,
                          num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,

@@ -7,10 +7,13 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 from ..data.readers import TaskSource, read_examples
 from ..data.task_cache import tokenize_task
 from ..data.tasks import TaskBatches, eval_batches, mixture_rates
+from ..model.hf import save_pretrained
+from ..model.lora import LoraConfig, add_lora, parse_targets, resolved_targets, save_adapter
 from ..options import option
 from ..training import parallel
 from ..training.loop import FREEZE_PARTS, freeze, train, write_run_config
@@ -49,6 +52,14 @@ class FinetuneConfig(LoopConfig, TaskFields):
     eval_batch_size: int = 32
     eval_num_beams: int = 1
     patience: int = option("stop after this many evaluations without improvement (0: never)", default=0)
+    lora_rank: int | None = option("LoRA: train rank-R adapters on --lora-targets, every base weight frozen; "
+                                   "<save>/best and final hold the adapter in peft's format (default: full "
+                                   "fine-tuning)", default=None)
+    lora_alpha: float | None = option("LoRA: updates are scaled by alpha / rank (default: 2 x rank)", default=None)
+    lora_dropout: float = option("LoRA: dropout on the adapters' input", default=0.0)
+    lora_targets: str = option("LoRA: comma-separated modules as transformers and peft name them, "
+                               "q,k,v,o,wi,wi_0,wi_1,wo (q, k, v, o in self- and cross-attention), or all-linear "
+                               "(every projection but the LM head)", default="q,v")
 
 
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
@@ -65,6 +76,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     for part in cfg.freeze:
         if part not in FREEZE_PARTS:
             raise ValueError(f"--freeze {part!r}: expected one of {', '.join(FREEZE_PARTS)}")
+    lora = lora_config(cfg)
     if gen_metric and cfg.tensor_model_parallel_size > 1:
         raise ValueError(f"--eval-metric {cfg.eval_metric} generates text, which runs on whole layers: use "
                          f"--tensor-model-parallel-size 1 (FSDP / DDP), or --eval-metric loss")
@@ -97,13 +109,20 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     model = load_model(model_dir, tok)
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
-    n_frozen = freeze(model, cfg.freeze)
+    n_frozen, save = freeze(model, cfg.freeze), save_pretrained
+    if lora:
+        lora, n_frozen = with_adapters(model, lora, model_dir, cfg.seed)
+        save = partial(save_adapter, cfg=lora)
     tcfg, ocfg = cfg.loop(layout, eval_interval=cfg.eval_interval if valid else 0, export_best=valid is not None,
                           label_smoothing=cfg.label_smoothing, patience=cfg.patience,
-                          monitor=MONITOR.get(cfg.eval_metric, f"eval_{cfg.eval_metric}"))
+                          monitor=MONITOR.get(cfg.eval_metric, f"eval_{cfg.eval_metric}"),
+                          checkpoint_frozen=lora is None)
     if layout.rank == 0:
         write_run_config(cfg.save, model=model.config.to_hf_json(), train=tcfg, optim=ocfg, flags=asdict(cfg))
-        say(f"{model_dir}: {model.config.num_params():,} parameters ({n_frozen:,} frozen); {describe(layout, cfg)}")
+        what = (f"LoRA rank {lora.r} on {','.join(lora.targets)}: {model.config.num_params():,} parameters frozen, "
+                f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trained" if lora else
+                f"{model.config.num_params():,} parameters ({n_frozen:,} frozen)")
+        say(f"{model_dir}: {what}; {describe(layout, cfg)}")
 
     def evaluator(m) -> dict:
         # every rank is given the whole set and runs its share, padded to the same number of forwards
@@ -124,9 +143,34 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         return row
 
     row = train(model, batches, evaluator if valid else None, tcfg, ocfg, tokenizer=tok, layout=layout,
-                progress=progress, resume=cfg.resume_from())
+                progress=progress, resume=cfg.resume_from(), save=save)
     return {**row, "final": os.path.join(cfg.save, "final"),
             "best_dir": os.path.join(cfg.save, "best") if valid else None}
+
+
+def lora_config(cfg: FinetuneConfig) -> LoraConfig | None:
+    """The run's LoRA settings from its --lora-* flags, checked before any work; None without
+    --lora-rank."""
+    if cfg.lora_rank is None:
+        return None
+    if cfg.freeze:
+        raise ValueError("--freeze with --lora-rank: LoRA freezes every base weight already")
+    if cfg.tensor_model_parallel_size > 1:
+        raise ValueError("--lora-rank with --tensor-model-parallel-size > 1 is not supported: use FSDP "
+                         "(--parallel fsdp) or DDP")
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
+    return LoraConfig(cfg.lora_rank, alpha, cfg.lora_dropout, parse_targets(cfg.lora_targets))
+
+
+def with_adapters(model, lora: LoraConfig, model_dir: str, seed: int) -> tuple[LoraConfig, int]:
+    """Freeze every weight of `model` and add trainable adapters (A drawn from `seed`, B zero: the
+    model starts as the base). -> (lora with its targets resolved (all-linear expanded, as peft
+    writes target_modules) and the base it adapts, number of frozen parameters)."""
+    import torch
+    model.requires_grad_(False)
+    names = add_lora(model, lora, torch.Generator().manual_seed(seed))
+    base = os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir  # a hub id stays one
+    return replace(lora, targets=resolved_targets(names), base_model=base), model.config.num_params()
 
 
 def unique_names(sources: list[TaskSource]) -> list[TaskSource]:

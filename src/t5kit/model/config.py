@@ -10,8 +10,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-MODEL_TYPES = ("t5", "mt5", "umt5")
+MODEL_TYPES = ("t5", "mt5", "umt5", "longt5")
 ACTIVATIONS = ("relu", "gelu", "gelu_new")
+LONG_ATTENTION = ("local", "transient-global")  # LongT5's encoder self-attention (HF LongT5Config)
+LONG_FIELDS = ("encoder_attention_type", "local_radius", "global_block_size")  # in config.json for longt5 only
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,12 @@ class T5Config:
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
     model_type: str = "t5"  # "umt5": every self-attention layer owns its relative-bias table
+    # LongT5 (model_type "longt5", Guo et al. 2022; model/longt5.py): the encoder attends a band of
+    # local_radius tokens either side, and with "transient-global" also one summary token per
+    # global_block_size tokens. HF LongT5Config's defaults.
+    encoder_attention_type: str = "local"
+    local_radius: int = 127
+    global_block_size: int = 16
     extra: dict = field(default_factory=dict, compare=False, hash=False)  # unmodelled HF fields
 
     def __post_init__(self):
@@ -50,6 +58,11 @@ class T5Config:
             raise ValueError(f"num_decoder_layers={self.num_decoder_layers}: expected >= 0")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate={self.dropout_rate}: expected a value in [0, 1)")
+        if self.encoder_attention_type not in LONG_ATTENTION:
+            raise ValueError(f"encoder_attention_type={self.encoder_attention_type!r}: expected one of {LONG_ATTENTION}")
+        if int(self.local_radius) < 0 or int(self.global_block_size) < 1:
+            raise ValueError(f"local_radius={self.local_radius!r}, global_block_size={self.global_block_size!r}: "
+                             "expected an integer >= 0 and one >= 1")
 
     @property
     def is_gated(self) -> bool:
@@ -76,6 +89,11 @@ class T5Config:
     def per_layer_bias(self) -> bool:
         return self.model_type == "umt5"
 
+    @property
+    def transient_global(self) -> bool:
+        """LongT5 with global tokens: each encoder layer norms its own, layer 0 owns their bias table."""
+        return self.model_type == "longt5" and self.encoder_attention_type == "transient-global"
+
     def replace(self, **changes) -> "T5Config":
         return dataclasses.replace(self, **changes)
 
@@ -88,6 +106,8 @@ class T5Config:
         enc_bias = nb * (self.num_layers if self.per_layer_bias else 1)
         dec_bias = nb * (self.num_decoder_layers if self.per_layer_bias else 1) if self.num_decoder_layers else 0
         enc = self.num_layers * (attn + ffn) + d + enc_bias
+        if self.transient_global:  # a global-token norm per layer, the global bias table in layer 0
+            enc += self.num_layers * d + nb
         dec = self.num_decoder_layers * (2 * attn + ffn) + d + dec_bias
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return enc + dec + emb
@@ -141,9 +161,10 @@ class T5Config:
         class transformers builds for a checkpoint holding only `shared` and `encoder.*`."""
         out = {k: v for k, v in self.extra.items()
                if k not in ("architectures", "dense_act_fn", "is_gated_act", "transformers_version")}
-        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name != "extra" and (self.model_type == "longt5" or f.name not in LONG_FIELDS)})
         out.update({
-            "architectures": [{"t5": "T5", "mt5": "MT5", "umt5": "UMT5"}[self.model_type]
+            "architectures": [{"t5": "T5", "mt5": "MT5", "umt5": "UMT5", "longt5": "LongT5"}[self.model_type]
                               + ("EncoderModel" if encoder_only else "ForConditionalGeneration")],
             "dense_act_fn": self.activation,
             "is_gated_act": self.is_gated,
@@ -194,6 +215,9 @@ PRESETS: dict[str, T5Config] = {
     **{f"mt5-{s}": _v11(vocab=250112, model_type="mt5", **shape) for s, shape in _V11_SHAPES.items()},
     **{f"byt5-{s}": _v11(vocab=384, **shape) for s, shape in _BYT5_SHAPES.items()},
     **{f"umt5-{s}": _v11(vocab=256384, model_type="umt5", **_V11_SHAPES[s]) for s in ("small", "base", "xl", "xxl")},
+    # google/long-t5-{local,tglobal}-{base,large,xl}: v1.1 shapes, local_radius 127, global blocks of 16.
+    **{f"long-t5-{kind}-{s}": _v11(model_type="longt5", encoder_attention_type=attn, **_V11_SHAPES[s])
+       for kind, attn in (("local", "local"), ("tglobal", "transient-global")) for s in ("base", "large", "xl")},
 }
 
 

@@ -29,6 +29,11 @@ KEY_MAP = {
     "lm_head.weight": "lm_head.weight",
     "{s}.norm.weight": "{s}.final_layer_norm.weight",
     "{s}.blocks.{i}.rel_bias.weight": "{s}.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight",
+    # LongT5 transient-global (longt5.py); before the generic attn entry, whose {p} would match them
+    "encoder.blocks.{i}.attn.global_norm.weight":
+        "encoder.block.{i}.layer.0.SelfAttention.global_input_layer_norm.weight",
+    "encoder.blocks.{i}.attn.global_bias.weight":
+        "encoder.block.{i}.layer.0.SelfAttention.global_relative_attention_bias.weight",
     "{s}.blocks.{i}.attn.{p}.weight": "{s}.block.{i}.layer.0.SelfAttention.{p}.weight",
     "{s}.blocks.{i}.attn_norm.weight": "{s}.block.{i}.layer.0.layer_norm.weight",
     "decoder.blocks.{i}.cross.{p}.weight": "decoder.block.{i}.layer.1.EncDecAttention.{p}.weight",
@@ -38,6 +43,11 @@ KEY_MAP = {
     "decoder.blocks.{i}.ffn.{p}.weight": "decoder.block.{i}.layer.2.DenseReluDense.{p}.weight",
     "decoder.blocks.{i}.ffn_norm.weight": "decoder.block.{i}.layer.2.layer_norm.weight",
 }
+# LongT5 names its encoder self-attention after the kind (HF LongT5LayerLocalSelfAttention, ...);
+# KEY_MAP says SelfAttention, and these rename it on the way in and out.
+LONG_ATTENTION_MODULE = {"local": "LocalSelfAttention", "transient-global": "TransientGlobalSelfAttention"}
+_LONG_IN = re.compile(r"^(encoder\.block\.\d+\.layer\.0\.)(?:LocalSelfAttention|TransientGlobalSelfAttention)\.")
+_LONG_OUT = re.compile(r"^(encoder\.block\.\d+\.layer\.0\.)SelfAttention\.")
 # Older checkpoints (pytorch_model.bin) also store the shared table under each stack's name.
 EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 # The part of a full checkpoint T5Encoder has no use for: skipped by name, never read.
@@ -67,13 +77,16 @@ def _rename(name: str, table) -> str | None:
 
 
 def hf_to_t5kit(name: str) -> str | None:
-    return _rename(name, _FORWARD)
+    return _rename(_LONG_IN.sub(r"\1SelfAttention.", name), _FORWARD)
 
 
-def t5kit_to_hf(name: str) -> str:
+def t5kit_to_hf(name: str, config: T5Config | None = None) -> str:
+    """The HF name of parameter `name`; `config` names a LongT5 encoder's attention module."""
     out = _rename(name, _BACKWARD)
     if out is None:
         raise KeyError(f"parameter {name!r} has no Hugging Face name in KEY_MAP")
+    if config is not None and config.model_type == "longt5":
+        out = _LONG_OUT.sub(rf"\1{LONG_ATTENTION_MODULE[config.encoder_attention_type]}.", out)
     return out
 
 
@@ -144,11 +157,13 @@ class _Reader:
 
 
 def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: str | torch.dtype | None = torch.float32,
-                    device: str | torch.device = "cpu") -> T5 | T5Encoder:
-    """Load an HF T5 / mT5 / UMT5 / ByT5 checkpoint into a t5kit T5 or T5Encoder (in eval mode).
+                    device: str | torch.device = "cpu", adapter: str | os.PathLike | None = None) -> T5 | T5Encoder:
+    """Load an HF T5 / mT5 / UMT5 / ByT5 / LongT5 checkpoint into a t5kit T5 or T5Encoder (in eval mode).
     T5Encoder takes encoder-only checkpoints and full ones, whose decoder and lm_head it skips
     unread: safetensors are memory-mapped and read tensor by tensor, and of a sharded checkpoint
-    only the shards holding encoder tensors are opened. Every encoder tensor is still required."""
+    only the shards holding encoder tensors are opened. Every encoder tensor is still required.
+    adapter: a LoRA adapter folder or hub id (peft's format, lora.py), merged into each weight as it
+    loads, in fp32 before the cast to `dtype`: the model runs at the base model's speed."""
     dtype = resolve_dtype(dtype)
     folder = resolve_dir(path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model"])
     config = T5Config.from_hf_json(os.path.join(folder, "config.json"))
@@ -171,6 +186,11 @@ def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: str | torch.d
     with torch.device("meta"):
         model = cls(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
+    lora = None
+    if adapter is not None:
+        from .lora import Adapter
+        lora = Adapter.read(adapter)
+        lora.check(expected, ignore=lambda name: bool(skipped(name)))
     state = {}
     for key in reader.where:
         if skipped(key):
@@ -191,8 +211,8 @@ def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: str | torch.d
         t = reader.get(key)
         if t.shape != expected[name]:
             raise ValueError(f"{fpath}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
-        state[name] = t.to(device=device, dtype=dtype or t.dtype)
-    missing = [t5kit_to_hf(k) for k in expected if k not in state]
+        state[name] = (lora.merge(name, t) if lora else t).to(device=device, dtype=dtype or t.dtype)
+    missing = [t5kit_to_hf(k, config) for k in expected if k not in state]
     if missing:
         raise ValueError(f"{folder}: checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
@@ -208,11 +228,21 @@ def save_pretrained(model: T5 | T5Encoder, out_dir: str | os.PathLike, max_shard
     A model sharded by FSDP or tensor parallelism is exported alike, called on every rank: each
     tensor is gathered whole in turn (DTensor.full_tensor), streamed into the file by rank 0 and
     dropped, so no rank ever holds more than one full tensor beside its own shards."""
+    cfg = model.config.to_hf_json(encoder_only=isinstance(model, T5Encoder))
+    cfg["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    write_checkpoint({t5kit_to_hf(k, model.config): v for k, v in model.state_dict().items()}, cfg, out_dir,
+                     max_shard_bytes)
+
+
+def write_checkpoint(state: dict, config: dict, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+    """HF-named tensors -> model.safetensors (or shards + index) and config.json in out_dir, each
+    file atomically, on every rank (rank 0 writes). A value needs only shape, dtype, numel(),
+    element_size() until its turn: one with `full_tensor()` (a DTensor, or a tensor produced on
+    demand: jobs/export.py) is made whole then, written and dropped."""
     import torch.distributed as dist
 
     main = not dist.is_initialized() or dist.get_rank() == 0
     out_dir = os.fspath(out_dir)
-    state = {t5kit_to_hf(k): v for k, v in model.state_dict().items()}
     shards: list[list[str]] = [[]]
     size = 0
     for k, v in state.items():
@@ -239,9 +269,7 @@ def save_pretrained(model: T5 | T5Encoder, out_dir: str | os.PathLike, max_shard
     for f in stale:
         if os.path.exists(os.path.join(out_dir, f)):
             os.remove(os.path.join(out_dir, f))
-    cfg = model.config.to_hf_json(encoder_only=isinstance(model, T5Encoder))
-    cfg["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    write_json(os.path.join(out_dir, "config.json"), cfg)
+    write_json(os.path.join(out_dir, "config.json"), config)
 
 
 SAFE_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",

@@ -88,6 +88,9 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.d_model, cfg.inner_dim, bias=False)
         self.o = nn.Linear(cfg.inner_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout_rate
+        # q, k and v as one (3*H*D, C) projection, set by inference/cpu.py for decoding (q, k and
+        # v are then None): one GEMV per step instead of three (issue 19). Not a parameter name.
+        self.qkv: nn.Module | None = None
 
     def split(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape  # H is the local share of heads when the projections are split by head
@@ -96,12 +99,21 @@ class Attention(nn.Module):
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.split(self.k(x)), self.split(self.v(x))  # 2 x (B, H, K, D)
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], bias: Tensor | FlexBias) -> Tensor:
-        """x (B, T, C), kv 2 x (B, H, K, D), bias (B|1, H|1, T, K) or FlexBias -> (B, T, C)."""
-        b, t, _ = x.shape
-        q = self.split(self.q(x))  # (B, H, T, D)
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, C) -> q, k, v, 3 x (B, H, T, D): self-attention's projections, fused or not."""
+        if self.qkv is None:
+            return self.split(self.q(x)), *self.project_kv(x)
+        return self.split(self.qkv(x)).chunk(3, dim=1)  # (B, T, 3*H*D) -> (B, 3*H, T, D) -> 3 x (B, H, T, D)
+
+    def attend(self, q: Tensor, kv: tuple[Tensor, Tensor], bias: Tensor | FlexBias) -> Tensor:
+        """q (B, H, T, D), kv 2 x (B, H, K, D), bias (B|1, H|1, T, K) or FlexBias -> (B, T, C)."""
+        b, _, t, _ = q.shape
         out = attend(q, kv[0], kv[1], bias, self.dropout if self.training else 0.0)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))  # (B, H, T, D) -> (B, T, H*D)
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], bias: Tensor | FlexBias) -> Tensor:
+        """x (B, T, C), kv 2 x (B, H, K, D), bias (B|1, H|1, T, K) or FlexBias -> (B, T, C)."""
+        return self.attend(self.split(self.q(x)), kv, bias)  # q (B, H, T, D)
 
 
 class FeedForward(nn.Module):
@@ -142,7 +154,11 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.rel_bias = RelativeBias(cfg, bidirectional=True) if has_bias else None
         self.attn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.attn = Attention(cfg)
+        if cfg.model_type == "longt5":  # local / transient-global self-attention (issue 20)
+            from .longt5 import LongAttention  # imported here: longt5.py builds on this module
+            self.attn = LongAttention(cfg, has_bias)
+        else:
+            self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.ffn = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout_rate)
@@ -172,11 +188,10 @@ class DecoderBlock(nn.Module):
         cache, the cross K/V are the cache's; x's keys are written at the cache position and all
         keys so far attended."""
         h = self.attn_norm(x)
-        kv = self.attn.project_kv(h)
-        if cache is not None:
-            kv = cache.write(layer, kv)
+        q, k, v = self.attn.project_qkv(h)
+        kv = (k, v) if cache is None else cache.write(layer, (k, v))
         cross_kv = cache.cross_kv[layer] if cache is not None else self.cross.project_kv(memory)
-        x = _clamp_fp16(x + self.drop(self.attn(h, kv, self_bias)))
+        x = _clamp_fp16(x + self.drop(self.attn.attend(q, kv, self_bias)))
         x = _clamp_fp16(x + self.drop(self.cross(self.cross_norm(x), cross_kv, cross_bias)))
         return _clamp_fp16(x + self.drop(self.ffn(self.ffn_norm(x))))
 
@@ -220,22 +235,27 @@ class Stack(nn.Module):
 class Encoder(Stack):
     def __init__(self, cfg: T5Config):
         super().__init__(cfg, EncoderBlock, cfg.num_layers)
+        self.long = cfg.model_type == "longt5"
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None, segment_ids: Tensor | None = None) -> Tensor:
         """x (B, S, C) embedded input; attention_mask (B, S) 1 = token; segment_ids (B, S) packed
         example ids, 0 = padding, attention never crosses segments. -> (B, S, C) post-norm."""
         s = x.shape[1]
-        if segment_ids is not None:
-            keep = Keep(s, s, keep_kv=segment_ids != 0, seg_q=segment_ids, seg_kv=segment_ids)
-        else:
-            keep = Keep(s, s, keep_kv=None if attention_mask is None else attention_mask.bool())
-        pos = torch.arange(s, device=x.device)[None]  # (1, S)
-        if self.use_flex(x):
-            biases = self.position_biases(pos, pos, keep.block_mask(x.device))
+        if self.long:  # LongT5: one longt5.LongBias serves every block
+            from .longt5 import stack_bias  # imported here: longt5.py builds on this module
+            biases = [stack_bias(self, x, attention_mask, segment_ids)] * len(self.blocks)
         else:
             if segment_ids is not None:
-                pos = segment_positions(segment_ids)  # (B, S)
-            biases = self.position_biases(pos, pos, mask_bias(keep.dense(x.device), x.dtype))
+                keep = Keep(s, s, keep_kv=segment_ids != 0, seg_q=segment_ids, seg_kv=segment_ids)
+            else:
+                keep = Keep(s, s, keep_kv=None if attention_mask is None else attention_mask.bool())
+            pos = torch.arange(s, device=x.device)[None]  # (1, S)
+            if self.use_flex(x):
+                biases = self.position_biases(pos, pos, keep.block_mask(x.device))
+            else:
+                if segment_ids is not None:
+                    pos = segment_positions(segment_ids)  # (B, S)
+                biases = self.position_biases(pos, pos, mask_bias(keep.dense(x.device), x.dtype))
         x = self.drop(x)
         for blk, bias in zip(self.blocks, biases):
             x = blk(x, bias)
@@ -456,6 +476,7 @@ class T5(nn.Module):
             p.fill_(1.0)
             return
         std = {"shared": 1.0, "lm_head": c.d_model ** -0.5, "rel_bias": c.d_model ** -0.5,
+               "global_bias": c.d_model ** -0.5,  # LongT5's global-token bias table (HF _init_weights)
                "q": (c.d_model * c.d_kv) ** -0.5, "k": c.d_model ** -0.5, "v": c.d_model ** -0.5,
                "o": c.inner_dim ** -0.5, "wi": c.d_model ** -0.5, "wi_0": c.d_model ** -0.5,
                "wi_1": c.d_model ** -0.5, "wo": c.d_ff ** -0.5}[leaf]

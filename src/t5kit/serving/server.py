@@ -38,6 +38,8 @@ class ServeConfig:
     this module is not `from __future__ import annotations`, for FastAPI resolves the handlers'
     annotations, whose request classes are local to `_schemas`)."""
     model: "str | None" = option("checkpoint directory or hub id (config.json + weights + tokenizer)", default=None)
+    adapter: "str | None" = option("LoRA adapter folder or hub id (peft's format), merged into the weights at "
+                                   "start-up", default=None)
     host: "str" = "127.0.0.1"
     port: "int" = 8000
     device: "str" = option("cpu | cuda | cuda:N", default="cpu")
@@ -121,7 +123,7 @@ def _schemas():
 
 def _load(cfg: ServeConfig, tok: Tokenizer):
     """The model as `t5kit generate` runs it (packed CPU weights, or int8), on the scheduler thread."""
-    model = T5.from_pretrained(cfg.model, dtype=resolve_dtype(cfg.dtype), device=cfg.device)
+    model = T5.from_pretrained(cfg.model, dtype=resolve_dtype(cfg.dtype), device=cfg.device, adapter=cfg.adapter)
     tok.check_model_vocab(model.config.vocab_size, f"{cfg.model}/config.json")
     return for_inference(model, cfg.quantize).eval(), tok
 

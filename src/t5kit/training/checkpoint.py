@@ -47,11 +47,12 @@ def _set_rng_state(rng: dict) -> None:
 
 
 def save(folder: str, step: int, model, optimizer, data_states: list[dict], keep: int = 3,
-         trainer: dict | None = None, layout: dict | None = None, evaluation=None) -> str:
+         trainer: dict | None = None, layout: dict | None = None, evaluation=None, frozen: bool = True) -> str:
     """Called on every rank. model: the parallelised model (not a DDP wrapper); data_states: one
     iterator state per data-parallel rank, in rank order; trainer: the loop's own small state
     (best evaluation so far, evaluations without improvement); layout: how the run was split;
-    evaluation: the evaluator's state (its fixed batches, alike on every rank), or None."""
+    evaluation: the evaluator's state (its fixed batches, alike on every rank), or None;
+    frozen False: parameters without gradients are left out (LoRA: the base model)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -63,7 +64,7 @@ def save(folder: str, step: int, model, optimizer, data_states: list[dict], keep
         os.makedirs(folder, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a save that crashed earlier
     parallel.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(frozen))
     try:
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
         rngs = parallel.gather(_rng_state(), data_parallel=False)
@@ -86,6 +87,13 @@ def save(folder: str, step: int, model, optimizer, data_states: list[dict], keep
             shutil.rmtree(old)
     parallel.barrier()
     return path
+
+
+def _options(frozen: bool):
+    """DCP state-dict options: without parameters that get no gradient when `frozen` is False (and
+    then loading leaves them as they are: strict would ask for them)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(ignore_frozen_params=not frozen, strict=frozen)
 
 
 def list_checkpoints(folder: str) -> list[str]:
@@ -115,13 +123,13 @@ def read_extra(path: str) -> dict:
 
 
 def load(path: str, model, optimizer, load_optim: bool = True, load_rng: bool = True,
-         weights_only: bool = False) -> tuple[int, list[dict], dict, object]:
+         weights_only: bool = False, frozen: bool = True) -> tuple[int, list[dict], dict, object]:
     """Restore a checkpoint into the (parallelised) model and optimizer, on every rank; -> (step,
     per-data-parallel-rank iterator states, trainer state, evaluator state or None). The model
     shape must match. weights_only (Megatron's --finetune): the model alone, step 0, no data,
     trainer or evaluator state; load_optim / load_rng False (--no-load-optim / --no-load-rng) skip
     those states. The RNG states are per rank: a rank that did not exist when saving keeps its
-    fresh seeding."""
+    fresh seeding. frozen False: the trainable parameters only (as `save` wrote them)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -136,14 +144,21 @@ def load(path: str, model, optimizer, load_optim: bool = True, load_rng: bool = 
             for k in SHAPE_KEYS if getattr(saved, k) != getattr(model.config, k)]
     if diff:
         raise ValueError(f"{path}: checkpoint is for a different model shape ({'; '.join(diff)})")
-    state = {"model": get_model_state_dict(model)}
+    options = _options(frozen)
+    state = {"model": get_model_state_dict(model, options=options)}
     with_optim = load_optim and not weights_only
     if with_optim:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
+        state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (RuntimeError, ValueError) as e:  # a key the checkpoint lacks (LoRA vs full, other targets)
+        if "Missing key" not in str(e):
+            raise
+        raise ValueError(f"{path}: the checkpoint lacks tensors this run trains (saved by a run with other "
+                         f"--lora-* flags, or with / without LoRA?): {str(e)[:300]}") from None
+    set_model_state_dict(model, state["model"], options=options)
     if with_optim:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
     if weights_only:
         return 0, [], {}, None
     if load_rng and parallel.rank() < len(extra["rng"]):

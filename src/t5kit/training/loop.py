@@ -66,6 +66,9 @@ class TrainConfig:
     exit_interval: int = 0
     exit_duration_mins: float = 0.0
     tensorboard_dir: str | None = None
+    # False: checkpoints hold the trainable parameters (and their optimizer state) only; the frozen
+    # ones come again from the model given at resume (LoRA: adapters of a few MiB, not the base)
+    checkpoint_frozen: bool = True
 
     def __post_init__(self):
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -278,8 +281,10 @@ class MetricsLog:
 
 
 def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, tokenizer=None,
-          resume: str | None = None, layout: parallel.Layout = parallel.Layout(), progress: bool = True) -> dict:
+          resume: str | None = None, layout: parallel.Layout = parallel.Layout(), progress: bool = True,
+          save=save_pretrained) -> dict:
     """Train `model` on `batches` (an iterator with state()/load_state()); returns the last log row.
+    save(model, folder) writes the <out>/final and <out>/best exports (LoRA: the adapter alone).
 
     The model is parallelised here for `layout` (parallel.apply: tensor parallelism, activation
     checkpointing, FSDP2 or DDP), on every rank; `batches` are this data-parallel rank's.
@@ -309,7 +314,8 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
     main = parallel.is_main()
     if resume:
         step, data_states, saved, eval_state = checkpoint.load(resume, model, optimizer, tcfg.load_optim,
-                                                               tcfg.load_rng, weights_only=tcfg.finetune)
+                                                               tcfg.load_rng, weights_only=tcfg.finetune,
+                                                               frozen=tcfg.checkpoint_frozen)
         if eval_state is not None and hasattr(evaluator, "load_state"):
             evaluator.load_state(eval_state)
         if not tcfg.finetune:
@@ -369,7 +375,7 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
                 trainer.update(best=row[tcfg.monitor], best_step=step, bad_evals=0)
                 if tcfg.export_best:
                     export(model, tokenizer, os.path.join(tcfg.out, "best"),
-                           {"step": step, "monitor": tcfg.monitor, "value": row[tcfg.monitor]})
+                           {"step": step, "monitor": tcfg.monitor, "value": row[tcfg.monitor]}, save)
             else:
                 trainer["bad_evals"] += 1
                 stop = bool(tcfg.patience) and trainer["bad_evals"] >= tcfg.patience
@@ -396,14 +402,15 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
         if stop or leave or (tcfg.save_interval and step % tcfg.save_interval == 0):
             data_states = parallel.gather(batches.state())  # ranks may have consumed different counts
             checkpoint.save(ckpt_dir, step, model, optimizer, data_states, tcfg.keep_checkpoints, trainer,
-                            layout_info, evaluator.state() if hasattr(evaluator, "state") else None)
+                            layout_info, evaluator.state() if hasattr(evaluator, "state") else None,
+                            frozen=tcfg.checkpoint_frozen)
         if leave:
             bar.write(f"step {step}: {leave}: checkpoint saved, exiting (run the same command to continue)")
         if stop or leave:
             break
     bar.close()
     if not row.get("exit"):
-        export(model, tokenizer, os.path.join(tcfg.out, "final"), {"step": step})
+        export(model, tokenizer, os.path.join(tcfg.out, "final"), {"step": step}, save)
     return {**row, "best_step": trainer["best_step"], "best": trainer["best"]}
 
 
@@ -428,24 +435,35 @@ def _exit_reason(tcfg: TrainConfig, step: int, started: float) -> str | None:
     return None
 
 
-def export(model, tokenizer, folder: str, state: dict) -> None:
-    """HF-layout weights + tokenizer + trainer_state.json in `folder`, replaced as a whole: written
-    beside it first, so a crash mid-export leaves the previous export loadable. Called on every
-    rank (a sharded model's tensors are gathered one at a time); rank 0 writes."""
+def export(model, tokenizer, folder: str, state: dict, save=save_pretrained) -> None:
+    """HF-layout weights (or what `save` writes) + tokenizer + trainer_state.json in `folder`,
+    replaced as a whole (`replace_folder`). Called on every rank (a sharded model's tensors are
+    gathered one at a time); rank 0 writes."""
+    from ..atomic import write_json
+
+    def write(tmp: str) -> None:
+        save(model, tmp)
+        if parallel.is_main():
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            write_json(os.path.join(tmp, "trainer_state.json"), state)
+    replace_folder(folder, write)
+
+
+def replace_folder(folder: str, write) -> None:
+    """`folder` replaced as a whole: write(tmp) fills a folder beside it, which then takes its
+    place, so a crash mid-way leaves the previous one loadable. `write` runs on every rank; rank 0
+    swaps."""
     import shutil
 
-    from ..atomic import write_json
     main = parallel.is_main()
     tmp, old = folder + ".tmp", folder + ".old"
     if main:
         for stale in (tmp, old):
             shutil.rmtree(stale, ignore_errors=True)
-    save_pretrained(model, tmp)
+    write(tmp)
     if not main:
         return
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    write_json(os.path.join(tmp, "trainer_state.json"), state)
     if os.path.isdir(folder):
         os.rename(folder, old)
     os.rename(tmp, folder)
