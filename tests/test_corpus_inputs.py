@@ -37,6 +37,8 @@ def test_c4_shards_by_glob_read_as_published(tmp_path, corpus):  # noqa: F811
     pattern = str(tmp_path / "en" / "c4-train.*-of-00003.json.gz")
     files = expand_inputs([pattern])
     assert [f.split("/")[-1] for f in files] == [f"c4-train.{s:05d}-of-00003.json.gz" for s in range(3)]
+    (tmp_path / "en" / "header.json").write_text("{}")  # a store's header or notes in the folder are not text
+    (tmp_path / "en" / "x.t5kit.json").write_text("{}")
     assert expand_inputs([str(tmp_path / "en")]) == files  # a directory: its corpus files, sorted
     want = [t for s in range(3) for i, t in enumerate(TEXTS) if i % 3 == s]
     assert [d for f in files for d in iter_documents(f)] == want
@@ -106,7 +108,7 @@ def test_parquet_in_record_batches_with_bad_rows(tmp_path):
 
 
 def test_jsonl_null_or_non_string_text_is_a_bad_line(tmp_path, corpus):  # noqa: F811
-    rows = [{"text": "good one"}, {"text": None}, {"text": 7}, {"text": ["a"]}, {"text": "good two"}]
+    rows = [{"text": "good one"}, {"text": None}, {"text": 7}, {"text": ["a"]}, {"text": "\ud800"}, {"text": "good two"}]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"c.jsonl: line 2 field 'text' is null, not a string; fix the file or pass "
                                          r"--skip-bad-lines"):
@@ -114,7 +116,7 @@ def test_jsonl_null_or_non_string_text_is_a_bad_line(tmp_path, corpus):  # noqa:
     tok = Tokenizer.from_pretrained(corpus / "tok")
     header = build_token_store([str(tmp_path / "c.jsonl")], tok, str(tmp_path / "s"), skip_bad_lines=True,
                                progress=False)
-    assert (header["n_docs"], header["skipped_lines"]) == (2, 3)
+    assert (header["n_docs"], header["skipped_lines"]) == (2, 4)
 
 
 def test_huge_csv_field_is_a_bad_line_named_or_skipped(tmp_path):

@@ -148,6 +148,9 @@ def test_save_round_trip_loads_in_transformers(checkpoint, tmp_path):
     again, info = transformers.LongT5EncoderModel.from_pretrained(tmp_path / "enc", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert json.loads((tmp_path / "enc" / "config.json").read_text())["architectures"] == ["LongT5EncoderModel"]
+    with torch.no_grad():
+        diff = (enc(ids, mask) - again.eval()(input_ids=ids, attention_mask=mask).last_hidden_state)[mask.bool()]
+    assert diff.abs().max() <= TOL
 
 
 def test_one_example_per_row():

@@ -41,7 +41,7 @@ def _zstd_chunks(path: str, size: int = 1 << 20) -> Iterator[bytes]:
     try:
         import zstandard
     except ImportError:
-        raise ValueError(f"{path}: reading .zst needs zstandard (pip install zstandard)") from None
+        raise ValueError(f"{path}: reading .zst needs zstandard (pip install 't5kit[data]')") from None
     dctx = zstandard.ZstdDecompressor()
     with open(path, "rb") as f:
         obj, fed = dctx.decompressobj(), False
@@ -128,6 +128,9 @@ def corpus_format(path: str) -> str:
 
 
 def _is_corpus_file(path: str) -> bool:
+    name = os.path.basename(path)
+    if name == "header.json" or name.endswith(".t5kit.json"):  # t5kit's own notes beside a store, not text
+        return False
     base = path.lower()
     for c in COMPRESSIONS:
         base = base.removesuffix(c)
@@ -169,15 +172,25 @@ def _document(path: str, where: str, obj, text_field: str) -> str | BadLine:
     return _text_value(path, where, text_field, obj[text_field])
 
 
+def _utf8(path: str, where: str, field: str, value: str) -> str:
+    """value, unless it holds a lone surrogate escape such as "\ud800" (valid JSON, not text)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadLine(f"{path}: {where} field {field!r} holds an unpaired surrogate escape, which is not text") \
+            from None
+    return value
+
+
 def _text_value(path: str, where: str, field: str, value) -> str | BadLine:
+    """A document's text: a string; null or anything else is a bad line (returned, not raised)."""
     if not isinstance(value, str):
         got = "null" if value is None else f"{type(value).__name__} {str(value)[:40]}"
         return BadLine(f"{path}: {where} field {field!r} is {got}, not a string")
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
-        return BadLine(f"{path}: {where} field {field!r} holds an unpaired surrogate escape, which is not text")
-    return value
+        return _utf8(path, where, field, value)
+    except BadLine as e:
+        return e
 
 
 def _parquet_documents(path: str, text_field: str, batch_rows: int = 1024) -> Iterator[str | BadLine]:
@@ -306,12 +319,7 @@ def check_exists(path: str) -> None:
 def _text(path: str, where: str, field: str, value, flag: str) -> str:
     """A field's value as text: strings as they are, numbers as str; anything else is a bad line."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
-            raise BadLine(f"{path}: {where} field {field!r} holds an unpaired surrogate escape, "
-                          "which is not text") from None
-        return value
+        return _utf8(path, where, field, value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     raise BadLine(f"{path}: {where} has no {field!r} field of text or a number (got {type(value).__name__}: "

@@ -6,8 +6,8 @@ demand so that no process holds an array the size of the corpus.
 - `Blend`: several tables mixed by weight (Megatron's `--data-path W1 P1 W2 P2`).
 - `Permutation`: a seeded random permutation of range(n), one index at a time (the epoch order).
 
-A source has len(), raw(i) (segment i's tokens, int64), lengths(idx) (vectorised) and full_only()
-(the source without the short group tails, for --drop-remainders).
+A source has len(), raw(i) (segment i's tokens, int64), full_only() (the source without the short
+group tails, for --drop-remainders), remainders() (what that leaves out) and n_tokens().
 """
 
 from __future__ import annotations
@@ -104,9 +104,6 @@ class SegmentTable:
         start = self.bounds[g] + (idx - self.cum[g]) * self.raw_len
         return np.stack([start, np.minimum(self.raw_len, self.bounds[g + 1] - start)], axis=-1)
 
-    def lengths(self, idx) -> np.ndarray:
-        return self.rows(idx)[..., 1]
-
     def __getitem__(self, key):
         if isinstance(key, tuple):
             return self[key[0]][(slice(None), *key[1:])]
@@ -115,9 +112,6 @@ class SegmentTable:
         if np.ndim(key) == 0:
             return self.rows(int(key) + len(self) if int(key) < 0 else int(key))
         return self.rows(key)
-
-    def __array__(self, dtype=None, copy=None):
-        return self[:].astype(dtype or np.int64)
 
     def raw(self, i: int) -> np.ndarray:
         start, length = self.rows(int(i))
@@ -186,9 +180,6 @@ class Blend:
     def raw(self, i: int) -> np.ndarray:
         d, j = self.locate(i)
         return self.sources[d].raw(j)
-
-    def lengths(self, idx) -> np.ndarray:
-        return np.array([self.sources[d].lengths([j])[0] for d, j in map(self.locate, np.ravel(idx))], np.int64)
 
     def full_only(self) -> Blend:
         return Blend([s.full_only() for s in self.sources], list(self.weights), self.names, self.seed)

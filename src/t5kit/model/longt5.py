@@ -243,6 +243,8 @@ class FlexLong:
 
     def score_mod(self, heads: int) -> Callable:
         local, r = self.local, self.radius
+        if local.shape[0] != heads:
+            raise ValueError(f"LongT5 FlexAttention: the bias has {local.shape[0]} heads, the attention {heads}")
         if self.side is None:
             def add_local(score, b, h, q_idx, kv_idx):
                 return score + local[h, (kv_idx - q_idx).clamp(-r, r) + r]
