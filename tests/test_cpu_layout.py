@@ -1,0 +1,113 @@
+"""CPU weight layouts (inference/cpu.py, issue 19): every layout gives the unpacked model's logits
+and ids, the choice is deterministic for a cached decision, and int8's fused q/k/v equals int8 over
+separate q, k and v."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import padded_batch
+
+import t5kit
+from t5kit.inference import cpu, engine
+
+pytestmark = pytest.mark.skipif(not cpu.can_pack(torch.float32), reason="this PyTorch build has no oneDNN")
+
+
+def _model(seed: int = 0) -> t5kit.T5:
+    model = t5kit.T5(t5kit.get_preset("tiny"))
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def _step_logits(model, ids, mask, steps: int = 6) -> torch.Tensor:
+    """The cached decode step's fp32 logits (steps, B, V), fed greedy tokens."""
+    with torch.inference_mode():
+        dec = engine.start(model, ids, mask, 1, steps, "eager")
+        tokens = torch.zeros(len(ids), 1, dtype=torch.long)
+        out = []
+        for _ in range(steps):
+            out.append(dec(tokens))
+            tokens = out[-1].argmax(-1, keepdim=True)
+        return torch.stack(out)
+
+
+def _linear_shapes(model) -> set[tuple[int, int]]:
+    return {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+
+
+@pytest.mark.parametrize("layout", cpu.LAYOUTS)
+def test_every_layout_gives_the_same_logits(layout):
+    model = _model()
+    ids, mask = padded_batch(model.config.vocab_size, lengths=(13, 7, 3))
+    dec_in = torch.randint(0, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want_full, want_steps = model(ids, dec_in, mask), _step_logits(model, ids, mask)
+    want_ids = model.generate(ids, mask, max_new_tokens=8)
+    packed = cpu.pack_linears(copy.deepcopy(model), layouts=layout)
+    linears = [m for m in packed.modules() if isinstance(m, cpu.PackedLinear)]
+    assert linears and all(m.layout == layout for m in linears)
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    assert all(blk.attn.qkv is not None and blk.attn.q is None for blk in packed.decoder.blocks)  # fused
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(ids, dec_in, mask), want_full, atol=1e-5, rtol=0)  # uncached pass
+        torch.testing.assert_close(_step_logits(packed, ids, mask), want_steps, atol=1e-5, rtol=0)  # decode step
+    assert torch.equal(packed.generate(ids, mask, max_new_tokens=8), want_ids)
+    assert torch.equal(packed.generate(ids, mask, max_new_tokens=8, num_beams=3),
+                       model.generate(ids, mask, max_new_tokens=8, num_beams=3))
+
+
+def test_layout_choice_is_deterministic_for_a_cached_decision(monkeypatch):
+    """With a decision cached for every shape, packing times nothing and lays each weight out as
+    decided, every time; with none, each shape is timed once and the fastest (by `fastest`) kept."""
+    model = _model()
+    assert model.lm_head is not None  # untied (v1.1): every Linear is the model's own
+    shapes = sorted(_linear_shapes(cpu.fuse_qkv(copy.deepcopy(model))))
+    decided = {cpu.layout_key(s, torch.float32): cpu.LAYOUTS[i % len(cpu.LAYOUTS)] for i, s in enumerate(shapes)}
+    monkeypatch.setattr(cpu, "_CHOSEN", dict(decided))
+
+    def no_timing(*args, **kw):
+        raise AssertionError("a cached decision was timed again")
+    monkeypatch.setattr(cpu, "time_layouts", no_timing)
+    for _ in range(2):
+        packed = cpu.pack_linears(copy.deepcopy(model))
+        got = {(m.out_features, m.in_features): m.layout for m in packed.modules() if isinstance(m, cpu.PackedLinear)}
+        assert got == {s: decided[cpu.layout_key(s, torch.float32)] for s in shapes}
+
+    timed = []
+
+    def fake_timing(shape, dtype):
+        timed.append(shape)
+        if shape[0] > 100:
+            return {"onednn": 1.0, "onednn_b1": 0.7, "plain": 0.5}
+        return {"onednn": 1.0, "onednn_b1": 0.95, "plain": 1.2}  # within the margin: the default stays
+    monkeypatch.setattr(cpu, "_CHOSEN", {})
+    monkeypatch.setattr(cpu, "time_layouts", fake_timing)
+    packed = cpu.pack_linears(copy.deepcopy(model))
+    assert sorted(timed) == shapes  # each shape once, however many weights share it
+    assert all(m.layout == ("plain" if m.out_features > 100 else "onednn")
+               for m in packed.modules() if isinstance(m, cpu.PackedLinear))
+
+
+def test_layout_timing_runs_every_layout():
+    seconds = cpu.time_layouts((48, 32), torch.float32, rounds=1)
+    assert set(seconds) == set(cpu.LAYOUTS) and all(0 < s < 1 for s in seconds.values())
+    assert cpu.fastest(seconds) in cpu.LAYOUTS
+
+
+def test_int8_fused_qkv_equals_separate():
+    """The three projections share their input, so one dynamic activation scale serves the fused
+    GEMV as each of its parts, and the weights quantize per output channel: fusing changes nothing."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    model = _model(seed=3)
+    ids, mask = padded_batch(model.config.vocab_size, lengths=(11, 4))
+    fused = cpu.quantize_int8(copy.deepcopy(model))
+    assert all(blk.attn.qkv is not None for blk in fused.decoder.blocks)
+    separate = copy.deepcopy(model)
+    cpu._own_lm_head(separate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        separate = quantize_dynamic(separate, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    torch.testing.assert_close(_step_logits(fused, ids, mask), _step_logits(separate, ids, mask), atol=1e-5, rtol=0)
