@@ -153,5 +153,9 @@ def test_reshard_counts_the_tail_of_a_rank_on_an_older_epoch(tmp_path, corpus): 
     one = SpanCorruptionBatches(segments, DataConfig(inputs_length=32), tok.sentinel_id(0), 4)
     per_rank = [-(-(len(segments) - r) // 2) for r in (0, 1)]  # examples of rank r of 2 in an epoch
     # rank 0 has begun epoch 1 (3 read); rank 1 is 5 short of the end of epoch 0
-    state, skipped = one.reshard([{"epoch": 1, "position": 3}, {"epoch": 0, "position": per_rank[1] - 5}])
+    state, skipped, tokens = one.reshard([{"epoch": 1, "position": 3}, {"epoch": 0, "position": per_rank[1] - 5}])
     assert state == {"epoch": 1, "position": 5} and skipped == 5 + 2  # its tail, and the holes of epoch 1
+    tail = [1 + 2 * p for p in range(per_rank[1] - 5, per_rank[1])]  # rank 1's unread positions of epoch 0
+    order = [list(one._order(e, 0, 1)) for e in (0, 1)]
+    unread = [order[0][j] for j in tail] + [order[1][j] for j in (1, 3)]
+    assert tokens == int(segments[unread][:, 1].sum()) > 0

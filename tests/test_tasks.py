@@ -420,16 +420,20 @@ def test_reshard_to_fewer_ranks_continues_without_repeating(mix):
         two = [TaskBatches(mix, 5, seed=1, rank=r, world=2, **kw) for r in range(2)]
         seen = {row for _ in range(4) for it in two for row in _rows_any(next(it))}
         one = TaskBatches(mix, 5, seed=1, **kw)
-        state, skipped = one.reshard([it.state() for it in two])
-        assert (skipped == 0) == exact, (kw, skipped)
+        state, skipped, tokens = one.reshard([it.state() for it in two])
+        assert (skipped == 0) == exact and (tokens == 0) == exact, (kw, skipped, tokens)
         one.load_state(state)
         after = [row for _ in range(6) for row in _rows_any(next(one))]
         assert not seen & set(after), kw
+        if not exact:  # the begun chunk's untaken batches of both ranks, counted example by example
+            left = [ex for it in two for b in it._mine[it.batch:] for row in b for ex in row]
+            assert skipped == len(left)
+            assert tokens == sum(len(mix[t].inputs[i]) + len(mix[t].targets[i]) for t, i in left)
         if exact:  # the same examples, in the same order, as 2 ranks would have read next
             more = [row for _ in range(3) for it in two for row in _rows_any(next(it))]
             assert sorted(more) == sorted(after)
     same = TaskBatches(mix, 5, seed=1, rank=1, world=2)
-    assert resume_state(same, [{"a": 0}, {"b": 1}], 1) == ({"b": 1}, 0)  # same rank count: each rank its own
+    assert resume_state(same, [{"a": 0}, {"b": 1}], 1) == ({"b": 1}, 0, 0)  # same rank count: each rank its own
 
 
 def _rows_any(batch):

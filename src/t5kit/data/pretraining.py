@@ -57,28 +57,36 @@ class SpanCorruptionBatches:
     def load_state(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
-    def reshard(self, states: list[dict]) -> tuple[dict, int]:
+    def reshard(self, states: list[dict]) -> tuple[dict, int, int]:
         """This rank's state from the states a checkpoint saved for len(states) != world
-        data-parallel ranks, and how many examples the change of rank count skips. Rank r of w reads the epoch's
-        order at r, r + w, ...: after p_r examples each, the stream is consumed below U = max over
-        ranks of r + w (p_r - 1) + 1. This run's ranks continue at ceil(U / world): exact when the
-        old ranks were level and world divides U (no example skipped or repeated), otherwise
+        data-parallel ranks, and how many examples and tokens the change of rank count skips. Rank r of w
+        reads the epoch's order at r, r + w, ...: after p_r examples each, the stream is consumed below
+        U = max over ranks of r + w (p_r - 1) + 1. This run's ranks continue at ceil(U / world): exact
+        when the old ranks were level and world divides U (no example skipped or repeated), otherwise
         nothing is repeated and the holes are skipped. A rank still on an older epoch had its tail
         of that epoch left unread: those examples count as skipped too.
 
-        >>> b = object.__new__(SpanCorruptionBatches); b.world, b.segments = 1, range(10)
+        >>> b = object.__new__(SpanCorruptionBatches); b.world = 1
+        >>> b.segments = type("S", (), {"__len__": lambda s: 10, "raw": lambda s, i: [0] * (i + 1)})()
+        >>> b.cfg = DataConfig(); b._order_cache = (None, None)
         >>> b.reshard([{"epoch": 0, "position": 3}, {"epoch": 0, "position": 3}])
-        ({'epoch': 0, 'position': 6}, 0)
-        >>> b.reshard([{"epoch": 1, "position": 1}, {"epoch": 0, "position": 4}])  # rank 1's 5th example unread
-        ({'epoch': 1, 'position': 1}, 1)
+        ({'epoch': 0, 'position': 6}, 0, 0)
+        >>> state, examples, tokens = b.reshard([{"epoch": 1, "position": 1}, {"epoch": 0, "position": 4}])
+        >>> state, examples, tokens == b._order(0, 0, 1)[9] + 1  # rank 1's 5th example (position 9) unread
+        ({'epoch': 1, 'position': 1}, 1, True)
         """
         w, epoch, n = len(states), max(int(s["epoch"]) for s in states), len(self.segments)
         pos = [int(s["position"]) if int(s["epoch"]) == epoch else 0 for s in states]
-        behind = sum(-(-(n - r) // w) * (epoch - int(s["epoch"])) - int(s["position"])
-                     for r, s in enumerate(states) if int(s["epoch"]) < epoch)
         end = max((r + w * (p - 1) + 1 for r, p in enumerate(pos) if p), default=0)
         new = -(-end // self.world)
-        return {"epoch": epoch, "position": new}, new * self.world - sum(pos) + behind
+        # skipped (epoch, order position)s: the holes below new * world, and older epochs' unread tails
+        holes = [(epoch, j) for r, p in enumerate(pos) for j in range(r + w * p, new * self.world, w)]
+        for r, s in enumerate(states):
+            for e in range(int(s["epoch"]), epoch):
+                first = r + w * int(s["position"]) if e == int(s["epoch"]) else r
+                holes += [(e, j) for j in range(first, n, w)]
+        tokens = sum(len(self.segments.raw(self._order(e, 0, 1)[j])) for e, j in holes)
+        return {"epoch": epoch, "position": new}, len(holes), tokens
 
     def _order(self, epoch: int, rank: int | None = None, world: int | None = None) -> Strided:
         """Segment indices rank `rank` of `world` (default: this one) reads in `epoch`, lazily."""

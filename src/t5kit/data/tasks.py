@@ -177,23 +177,27 @@ class TaskBatches:
                        "positions": [int(p) for p in state["positions"]]}
         self._mine = None
 
-    def reshard(self, states: list[dict]) -> tuple[dict, int]:
+    def reshard(self, states: list[dict]) -> tuple[dict, int, int]:
         """The state to resume with from the (equal) states a checkpoint saved for len(states) !=
-        world data-parallel ranks, and how many examples the change of rank count skips. A chunk is
-        cut for a rank count, so a chunk begun under another count is left at its end (exact when
-        every batch of it was taken, the rule in packed mode) and the next starts fresh here."""
+        world data-parallel ranks, and how many examples and tokens (inputs + targets) the change of
+        rank count skips. A chunk is cut for a rank count, so a chunk begun under another count is left
+        at its end (exact when every batch of it was taken, the rule in packed mode) and the next starts
+        fresh here."""
         state = states[0]
         if int(state["batch"]) == 0:
-            return state, 0
+            return state, 0, 0
         old = copy.copy(self)
-        old.world, old.rank, old._perms = len(states), 0, {}
-        old.load_state(state)
-        old._make_chunk()
-        left = len(old._mine) - int(state["batch"])
+        old.world, old._perms = len(states), {}
+        examples = tokens = 0
+        for old.rank in range(old.world):  # every old rank's untaken batches of the chunk
+            old.load_state(state)
+            old._make_chunk()
+            skipped = [p for b in old._mine[int(state["batch"]):] for row in b for p in row]
+            examples += len(skipped)
+            tokens += sum(int(self.in_len[t][i]) + int(self.tg_len[t][i]) for t, i in skipped)
         end = old._end
         return ({"chunk": int(state["chunk"]) + 1, "batch": 0, "draw": end["draw"], "epochs": end["epochs"],
-                 "positions": end["positions"]}, sum(len(r) for b in old._mine[-left:] for r in b) * old.world
-                if left else 0)
+                 "positions": end["positions"]}, examples, tokens)
 
     # -- the example stream: pure functions of the counters --
 
@@ -295,10 +299,10 @@ def rank_share(batches: Iterable[dict], rank: int, world: int) -> Iterator[dict]
         yield {**first, "labels": np.full_like(first["labels"], -100)}
 
 
-def resume_state(batches, states: list[dict], rank: int) -> tuple[dict, int]:
+def resume_state(batches, states: list[dict], rank: int) -> tuple[dict, int, int]:
     """What data-parallel rank `rank` resumes from, given the per-rank iterator states a checkpoint
-    saved, and how many examples the resume skips: its own state under the same rank count, else
-    `batches.reshard(states)` (each stream knows how its position maps across rank counts)."""
+    saved, and how many examples and tokens the resume skips: its own state under the same rank count,
+    else `batches.reshard(states)` (each stream knows how its position maps across rank counts)."""
     if len(states) == batches.world:
-        return states[rank], 0
+        return states[rank], 0, 0
     return batches.reshard(states)

@@ -319,11 +319,11 @@ def train(model, batches, evaluator, tcfg: TrainConfig, ocfg: OptimConfig, token
         if eval_state is not None and hasattr(evaluator, "load_state"):
             evaluator.load_state(eval_state)
         if not tcfg.finetune:
-            state, skipped = resume_state(batches, data_states, layout.dp_rank)
+            state, skipped, skipped_tokens = resume_state(batches, data_states, layout.dp_rank)
             if skipped and main:
                 print(f"t5kit: {resume}: saved by {len(data_states)} data-parallel ranks, resumed on "
                       f"{layout.dp}: the data stream continues after the furthest rank, skipping {skipped} "
-                      f"examples", file=sys.stderr)
+                      f"examples ({skipped_tokens:,} tokens)", file=sys.stderr)
             batches.load_state(state)
             trainer.update(saved)
     log = MetricsLog(tcfg.out, tcfg.tensorboard_dir) if main else None
