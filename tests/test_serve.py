@@ -505,7 +505,7 @@ def test_one_host_sync_per_step_on_cuda(copy_model_dir, monkeypatch):
 
 def _tokenizers(tmp_path) -> list[Tokenizer]:
     """A SentencePiece model with byte fallback (multi-byte characters outside its pieces become
-    UTF-8 byte pieces, like Llama's) and ByT5's bytes."""
+    UTF-8 byte pieces, like Llama's), ByT5's bytes, and Megatron's WordPiece (issue 18)."""
     import sentencepiece as spm
     words = "the quick brown fox jumps over lazy dog hello world café naïve über straße".split()
     rng = random.Random(0)
@@ -513,12 +513,15 @@ def _tokenizers(tmp_path) -> list[Tokenizer]:
     spm.SentencePieceTrainer.train(sentence_iterator=lines, model_prefix=str(tmp_path / "spiece"), vocab_size=300,
                                    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True,
                                    character_coverage=0.99, minloglevel=2)
-    return [Tokenizer.from_pretrained(tmp_path), Tokenizer.byt5()]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "##s", "##e", "##d", "€", "日", "本", ".", ","]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    wordpiece = Tokenizer.from_megatron("BertWordPieceCase", vocab_file=str(tmp_path / "vocab.txt"), vocab_extra_ids=3)
+    return [Tokenizer.from_pretrained(tmp_path), Tokenizer.byt5(), wordpiece]
 
 
 def test_stream_text_pieces_join_to_the_decoded_text(tmp_path):
     """Incremental detokenization (issue 17): for SentencePiece (leading-space removal, byte
-    pieces) and ByT5 (bytes), multi-byte UTF-8 and special tokens included, the pieces join to
+    pieces), ByT5 (bytes) and WordPiece (issue 18), multi-byte UTF-8 and special tokens included, the pieces join to
     exactly `decode`, and no piece ends inside a character that later tokens complete."""
     from t5kit.inference.generate import TextStream  # new in issue 17: the rest of this file runs on the old code
 
@@ -528,8 +531,8 @@ def test_stream_text_pieces_join_to_the_decoded_text(tmp_path):
         words = tok.encode(text, add_eos=False)
         space = tok.encode(" x", add_eos=False)[:1]  # SentencePiece: the lone "▁" piece; ByT5: a space
         cases = [tok.encode(text), space + space + tok.encode("the", add_eos=False), words[:5] + space + words[5:]]
-        specials = [0, 2] + ([tok.sentinel_id(0)] if tok.kind == "sentencepiece" else [])
-        pool = words + space * 8 + specials + list(range(3, 260))  # bytes (ByT5) or any piece, byte ones too
+        specials = [0, 2] + ([tok.sentinel_id(0)] if tok.kind in ("sentencepiece", "wordpiece") else [])
+        pool = words + space * 8 + specials + list(range(3, min(260, len(tok))))  # bytes (ByT5) or any piece
         cases += [[rng.choice(pool) for _ in range(rng.randint(1, 40))] for _ in range(2000)]
         for ids in cases:
             stream, pieces, text_so_far = TextStream(tok), [], ""

@@ -147,7 +147,9 @@ class TextStream:
       U+FFFD (or, for ByT5, which drops incomplete bytes, adding nothing) is held back, so a
       window starts on a character boundary;
     - `Tokenizer.decode` drops special tokens and decodes the runs between them apart: a special
-      token ends the window (what is held back goes out) and the next run starts a new one.
+      token ends the window (what is held back goes out) and the next run starts a new one. WordPiece
+      decodes the whole row at once, joining the words on either side of a special token with a
+      space, so there a special token stays inside the window, where it decodes to nothing.
     A run of tokens that decode to nothing alone (spaces-only pieces) widens the window until text
     follows."""
 
@@ -158,7 +160,7 @@ class TextStream:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        if self.tok.is_special(token):
+        if self.tok.is_special(token) and self.tok.kind != "wordpiece":
             piece = self.finish()
             self.prefix = self.read = len(self.ids)
             self.prefix_text = ""
