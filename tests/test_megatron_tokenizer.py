@@ -145,6 +145,15 @@ def test_bad_tokenizer_flags_name_the_flag(tmp_path, capsys, args, message):
     assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
 
 
+def test_pretrain_names_a_bad_vocab_file_before_reading_the_corpus(tmp_path, capsys):
+    """The tokenizer flags are checked first: a corpus with a bad line is not what gets reported."""
+    (tmp_path / "c.txt").write_bytes(b"the fox\n\xff bad line\n")
+    assert main(["pretrain", "--data-path", str(tmp_path / "c.txt"), "--save", str(tmp_path / "run"),
+                 "--vocab-file", str(tmp_path / "nope.txt"), "--train-iters", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--vocab-file {tmp_path / 'nope.txt'}: no such file" in err and "UTF-8" not in err
+
+
 def test_sentencepiece_and_huggingface_types_are_t5_tokenizers(tmp_path):
     """SentencePieceTokenizer: the model file with T5's layout; HuggingFaceTokenizer: a tokenizer
     directory. Both give the tokenizer t5kit reads from that directory, in `t5kit preprocess` too."""

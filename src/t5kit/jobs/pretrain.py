@@ -125,13 +125,14 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict | None:
     corpora = _corpora(weights, specs)
     paths = [p for c in corpora if isinstance(c, list) for p in c]  # text files, for the tokenizer
     store_dir = next((c for c in corpora if isinstance(c, str)), None)
+    megatron_tok = {k: getattr(cfg, k) for k in ("tokenizer_type", "tokenizer_model", "vocab_file", "vocab_extra_ids")}
+    given = cfg.tokenizer or cfg.model or cfg.tokenizer_type or cfg.tokenizer_model or cfg.vocab_file
+    tok = tokenizer_for(cfg.model, cfg.tokenizer, **megatron_tok) if given else None  # bad flags named before the scan
     if main:
         for files in (c for c in corpora if isinstance(c, list)):
             n_docs = check_corpus(files, cfg.skip_bad_lines, cfg.text_field)  # before SentencePiece sees the text
             say(f"corpus: {n_docs:,} documents in {len(files)} file(s)")
-    megatron_tok = {k: getattr(cfg, k) for k in ("tokenizer_type", "tokenizer_model", "vocab_file", "vocab_extra_ids")}
-    tok_dir = cfg.tokenizer
-    if not (tok_dir or cfg.model or cfg.tokenizer_type or cfg.tokenizer_model or cfg.vocab_file):
+    if tok is None:
         # rank 0 prepares tokenizer and token store; the others wait, then read them
         if store_dir is not None:
             raise ValueError(f"{store_dir}: a token store needs the tokenizer it was built with (--tokenizer, or "
@@ -141,10 +142,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict | None:
             from ..data.readers import iter_documents
             say(f"training a {cfg.vocab_size}-piece SentencePiece tokenizer -> {tok_dir}")
             train_tokenizer((d for p in paths for d in iter_documents(p, cfg.skip_bad_lines, cfg.text_field)),
-                            cfg.vocab_size,
-                            tok_dir, extra_ids=cfg.vocab_extra_ids)
+                            cfg.vocab_size, tok_dir, extra_ids=cfg.vocab_extra_ids)
         parallel.barrier()
-    tok = tokenizer_for(cfg.model, tok_dir, **megatron_tok)
+        tok = tokenizer_for(None, tok_dir)
     stores = _open_stores(corpora, tok, cfg, main, progress)
     # the objective (issue 20): UL2's mode tokens join the tokenizer, after every id, before the model's vocabulary
     # is sized or checked; --decoder-seq-length bounds its denoisers' targets (span keeps Megatron's check below),
