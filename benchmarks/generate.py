@@ -53,24 +53,14 @@ GPU_CASES = ["greedy_b1", "greedy_b32", "beam4_b1"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CT2_TYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 HAS_CT2 = importlib.util.find_spec("ctranslate2") is not None  # the [bench] extra
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")  # AMX: amx_tile (with amx_bf16 / amx_int8)
 
 
 def cpu_info() -> dict:
-    """The CPU's model name and the ISA flags that pick PyTorch's, oneDNN's and CTranslate2's kernels."""
-    name, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name == "unknown":
-                    name = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:  # not Linux
-        pass
-    return {"cpu": name, "cpu_flags": {flag: flag in flags for flag in ISA_FLAGS},
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    """The CPU's model name and ISA flags (AVX2, AVX-512, AVX512-BF16, AMX), PyTorch's kernel level
+    and the CPU weight layout asked for ($T5KIT_CPU_LAYOUT; "auto": inference/cpu.choose_layout)."""
+    from t5kit.inference.cpu import cpu_info as info
+    return {**info(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "t5kit_cpu_layout": os.environ.get("T5KIT_CPU_LAYOUT") or "auto"}
 
 
 def copy_bandwidth(threads: int, mib: int = 512) -> float:
@@ -291,8 +281,7 @@ def profile_case(shape: str, case: str, folder: str, args) -> dict:
 
     weights = {}  # role -> bytes per step
     for name, mod in model.named_modules():
-        leaf = not any(True for _ in mod.children())
-        if leaf and (name.startswith("decoder.blocks.") or name == "lm_head") and hasattr(mod, "in_features"):
+        if (name.startswith("decoder.blocks.") or name == "lm_head") and hasattr(mod, "in_features"):
             role, tag = _role(name), "gemm:" + _role(name)
             if role.startswith("cross.") and role[6:] in ("k", "v", "kv"):
                 continue  # once per request, outside the step
@@ -345,6 +334,8 @@ def profile_case(shape: str, case: str, folder: str, args) -> dict:
             else:
                 add("other aten ops (element-wise, embedding, casts)", e.cpu_time_total)
     gemm = {k[5:]: v for k, v in buckets.items() if k.startswith("gemm:")}
+    layouts = {_role(name): getattr(mod, "layout", type(mod).__name__) for name, mod in model.named_modules()
+               if name.startswith("decoder.blocks.0.") or name == "lm_head"}
     line = {"bench": "generate_profile", "shape": shape, "case": case, "dtype": "int8" if int8 else args.dtype,
             "threads": args.threads, "steps": steps, **cpu_info(),
             "step_ms_unprofiled": round(plain_ms, 3), "step_ms_profiled": round(total / steps / 1e3, 3),
@@ -357,6 +348,7 @@ def profile_case(shape: str, case: str, folder: str, args) -> dict:
                               "gb_s": round(weights[role] / (us / steps * 1e-6) / 1e9, 1)}
     line.update({k + "_ms": round(v / steps / 1e3, 3) for k, v in buckets.items() if not k.startswith("gemm:")})
     line["rest_ms"] = round((total - sum(buckets.values())) / steps / 1e3, 3)
+    line["layouts"] = {role: layouts[role] for role in line["gemm"]}
     return line
 
 

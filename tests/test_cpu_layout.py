@@ -54,8 +54,6 @@ def test_every_layout_gives_the_same_logits(layout):
         torch.testing.assert_close(packed(ids, dec_in, mask), want_full, atol=1e-5, rtol=0)  # uncached pass
         torch.testing.assert_close(_step_logits(packed, ids, mask), want_steps, atol=1e-5, rtol=0)  # decode step
     assert torch.equal(packed.generate(ids, mask, max_new_tokens=8), want_ids)
-    assert torch.equal(packed.generate(ids, mask, max_new_tokens=8, num_beams=3),
-                       model.generate(ids, mask, max_new_tokens=8, num_beams=3))
 
 
 def test_layout_choice_is_deterministic_for_a_cached_decision(monkeypatch):
@@ -66,6 +64,7 @@ def test_layout_choice_is_deterministic_for_a_cached_decision(monkeypatch):
     shapes = sorted(_linear_shapes(cpu.fuse_qkv(copy.deepcopy(model))))
     decided = {cpu.layout_key(s, torch.float32): cpu.LAYOUTS[i % len(cpu.LAYOUTS)] for i, s in enumerate(shapes)}
     monkeypatch.setattr(cpu, "_CHOSEN", dict(decided))
+    monkeypatch.setenv("T5KIT_CPU_LAYOUT", "timed")
 
     def no_timing(*args, **kw):
         raise AssertionError("a cached decision was timed again")
@@ -84,6 +83,7 @@ def test_layout_choice_is_deterministic_for_a_cached_decision(monkeypatch):
         return {"onednn": 1.0, "onednn_b1": 0.95, "plain": 1.2}  # within the margin: the default stays
     monkeypatch.setattr(cpu, "_CHOSEN", {})
     monkeypatch.setattr(cpu, "time_layouts", fake_timing)
+    monkeypatch.setenv("T5KIT_CPU_LAYOUT", "timed")  # AVX-512 CPUs keep the default untimed
     packed = cpu.pack_linears(copy.deepcopy(model))
     assert sorted(timed) == shapes  # each shape once, however many weights share it
     assert all(m.layout == ("plain" if m.out_features > 100 else "onednn")
@@ -111,3 +111,14 @@ def test_int8_fused_qkv_equals_separate():
         warnings.simplefilter("ignore")
         separate = quantize_dynamic(separate, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
     torch.testing.assert_close(_step_logits(fused, ids, mask), _step_logits(separate, ids, mask), atol=1e-5, rtol=0)
+
+
+def test_layout_from_the_environment(monkeypatch):
+    monkeypatch.setattr(cpu, "_CHOSEN", {})
+    monkeypatch.setenv("T5KIT_CPU_LAYOUT", "plain")
+    packed = cpu.pack_linears(_model())
+    assert {m.layout for m in packed.modules() if isinstance(m, cpu.PackedLinear)} == {"plain"}
+    assert cpu._CHOSEN == {}  # nothing timed nor cached
+    monkeypatch.setenv("T5KIT_CPU_LAYOUT", "fast")
+    with pytest.raises(ValueError, match="T5KIT_CPU_LAYOUT='fast': expected one of onednn, onednn_b1, plain or timed"):
+        cpu.pack_linears(_model())

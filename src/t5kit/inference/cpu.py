@@ -20,6 +20,7 @@ All give a tied LM head its own copy of the embedding table, so the model is for
 from __future__ import annotations
 
 import functools
+import os
 import time
 import warnings
 
@@ -105,11 +106,20 @@ def layout_key(shape: tuple[int, int], dtype: torch.dtype) -> tuple:
 
 
 def choose_layout(shape: tuple[int, int], dtype: torch.dtype) -> str:
-    """The layout for an (out, in) weight: the cached decision for this CPU model, thread count and
-    dtype, else `time_layouts`' (then cached for the rest of the process)."""
+    """The layout for an (out, in) weight: $T5KIT_CPU_LAYOUT if it names one; else the decision
+    cached for this CPU model, thread count and dtype; else DEFAULT_LAYOUT on AVX-512 CPUs, where it
+    was measured fastest (an Intel Xeon and an AMD EPYC Zen 4: docs/inference.md), and the fastest
+    by `time_layouts` on the others (AVX2: issue 19), or everywhere with T5KIT_CPU_LAYOUT=timed.
+    A decision is kept for the rest of the process."""
+    env = os.environ.get("T5KIT_CPU_LAYOUT", "")
+    if env in LAYOUTS:
+        return env
+    if env not in ("", "timed"):
+        raise ValueError(f"T5KIT_CPU_LAYOUT={env!r}: expected one of {', '.join(LAYOUTS)} or timed")
     key = layout_key(shape, dtype)
     if key not in _CHOSEN:
-        _CHOSEN[key] = fastest(time_layouts(shape, dtype))
+        measured = env == "timed" or not cpu_info()["cpu_flags"]["avx512f"]
+        _CHOSEN[key] = fastest(time_layouts(shape, dtype)) if measured else DEFAULT_LAYOUT
     return _CHOSEN[key]
 
 
@@ -126,7 +136,7 @@ def fastest(seconds: dict[str, float]) -> str:
     return best if seconds[best] < MARGIN * seconds[DEFAULT_LAYOUT] else DEFAULT_LAYOUT
 
 
-def time_layouts(shape: tuple[int, int], dtype: torch.dtype, rounds: int = 3) -> dict[str, float]:
+def time_layouts(shape: tuple[int, int], dtype: torch.dtype, rounds: int = 5) -> dict[str, float]:
     """Seconds per one-row call (a decode step at batch 1) of an (out, in) weight in each layout,
     the weights cold as in a decode step, where the whole model streams from memory: each pass calls
     enough copies to fill twice the last-level cache (at most 64). Layouts take turns, so each sees
