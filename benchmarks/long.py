@@ -3,12 +3,14 @@ and peak memory, on a random checkpoint of google/long-t5-tglobal-base's shape (
 heads x 64, d_ff 2048, 12 layers, local_radius 127, global blocks of 16, gated-gelu), built and
 saved by transformers. One JSON line per length.
 
-Every measurement is a fresh process (load, --warmup forwards, one timed forward), the contenders
-alternating over --repeats (side by side: both see the same machine), so each one's peak memory
-is its own: on CPU the peak resident set of the timed forward (Linux VmHWM, reset before it by
-writing 5 to /proc/self/clear_refs: weights, activations and all), on CUDA
-torch.cuda.max_memory_allocated. Reported: the median time as tokens/s, the largest peak, and the
-largest peak over the memory held before the forward (the forward's own).
+Speed: both contenders loaded in this process, timed alternately (side by side: both see the same
+machine), --warmup untimed forwards each first; tokens/s of the median of --repeats, and the
+process CPU seconds of that forward on CPU (every thread; on a shared machine the steadier figure).
+Memory: each (length, contender) once more in a fresh process of its own, so each peak is its
+own, after a 256-token forward has made the weights resident: on CPU the peak resident set
+(Linux VmHWM, reset just before the forward by writing 5 to /proc/self/clear_refs: weights,
+activations and all) and that peak over the resident set before the forward (the forward's own);
+on CUDA torch.cuda.max_memory_allocated, likewise.
 
     python benchmarks/long.py --lengths 4096 8192 16384                 (CPU, fp32: issue 20's targets)
     python benchmarks/long.py --device cuda --dtype bf16 --lengths 16384
@@ -55,46 +57,58 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def worker(which: str, folder: str, length: int, batch: int, device: str, dtype: str, warmup: int) -> dict:
-    """Load `which`, run `warmup` forwards, time one: {"seconds", "peak_mb", "held_mb"}."""
-    torch_dtype, cuda = DTYPES[dtype], device == "cuda"
+def load(which: str, folder: str, device: str, dtype: str):
+    """-> a callable (ids, mask) -> (B, S, C) hidden states, `which` loaded onto `device`."""
     if which == "t5kit":
         import t5kit
-        model = t5kit.T5Encoder.from_pretrained(folder, dtype=torch_dtype, device=device)
-        run = model
-    else:
-        import transformers
-        model = transformers.LongT5EncoderModel.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
+        return t5kit.T5Encoder.from_pretrained(folder, dtype=DTYPES[dtype], device=device)
+    import transformers
+    model = transformers.LongT5EncoderModel.from_pretrained(folder, dtype=DTYPES[dtype]).to(device).eval()
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state
 
-        def run(ids, mask):
-            return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+def inputs(length: int, batch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=gen)
+    ids = torch.randint(3, 32000, (batch, length), generator=gen)
     ids[:, -1] = 1
-    ids, mask = ids.to(device), torch.ones_like(ids).to(device)
+    return ids.to(device), torch.ones_like(ids).to(device)
+
+
+def timed(run, ids, mask, cuda: bool) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one forward."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            run(ids, mask)
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            _reset_peak_rss()
-        held_mb = torch.cuda.memory_allocated() / 2**20 if cuda else _status_mb("VmRSS")
-        t0 = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         run(ids, mask)
         if cuda:
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mb("VmHWM")
-    return {"seconds": seconds, "peak_mb": round(peak_mb, 1), "held_mb": round(held_mb, 1)}
+        return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(which: str, folder: str, length: int, args) -> dict:
-    """worker() in a fresh process (its peak memory is this case's alone)."""
-    cmd = [sys.executable, __file__, "--worker", which, "--folder", folder, "--lengths", str(length),
-           "--batch", str(args.batch), "--device", args.device, "--dtype", args.dtype,
-           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+def peak_memory(which: str, folder: str, length: int, batch: int, device: str, dtype: str) -> dict:
+    """In this (fresh) process: load, one forward -> {"peak_mb", "forward_mb"}."""
+    run, cuda = load(which, folder, device, dtype), device == "cuda"
+    with torch.inference_mode():
+        run(*inputs(256, batch, device))  # weights resident (t5kit maps them from the file) and kernels chosen
+    ids, mask = inputs(length, batch, device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated() / 2**20
+    else:
+        _reset_peak_rss()
+        held = _status_mb("VmRSS")
+    with torch.inference_mode():
+        run(ids, mask)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mb("VmHWM")
+    return {"peak_mb": round(peak, 1), "forward_mb": round(peak - held, 1)}
+
+
+def measure_memory(which: str, folder: str, length: int, args) -> dict:
+    """peak_memory() in a fresh process."""
+    cmd = [sys.executable, __file__, "--memory-of", which, "--folder", folder, "--lengths", str(length),
+           "--batch", str(args.batch), "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
@@ -110,37 +124,47 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="encoder layers (default: the preset's)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    ap.add_argument("--repeats", type=int, default=3, help="timed forwards per contender, one process each")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed forwards before the timed one")
+    ap.add_argument("--repeats", type=int, default=3, help="timed forwards per contender, alternating")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed forwards per contender and length first")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads")
     ap.add_argument("--contenders", nargs="+", default=["t5kit", "transformers"], choices=["t5kit", "transformers"])
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the memory subprocess
     ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.folder, args.lengths[0], args.batch, args.device, args.dtype,
-                                args.warmup)))
+    if args.memory_of:
+        print(json.dumps(peak_memory(args.memory_of, args.folder, args.lengths[0], args.batch, args.device,
+                                     args.dtype)))
         return
+    import t5kit
+    layers = args.layers or t5kit.get_preset(args.preset).num_layers
+    cuda = args.device == "cuda"
     with tempfile.TemporaryDirectory() as folder:
         build(folder, args.preset, args.layers)
+        runs = {which: load(which, folder, args.device, args.dtype) for which in args.contenders}
         for length in args.lengths:
-            runs: dict[str, list[dict]] = {which: [] for which in args.contenders}
+            ids, mask = inputs(length, args.batch, args.device)
+            for run in runs.values():
+                for _ in range(args.warmup):
+                    timed(run, ids, mask, cuda)
+            times: dict[str, list[tuple[float, float]]] = {which: [] for which in runs}
             for _ in range(args.repeats):  # alternating: both contenders see the same machine
-                for which in args.contenders:
-                    runs[which].append(measure(which, folder, length, args))
-            layers = args.layers or __import__("t5kit").get_preset(args.preset).num_layers
+                for which, run in runs.items():
+                    times[which].append(timed(run, ids, mask, cuda))
             row = {"bench": "long", "preset": args.preset, "layers": layers, "device": args.device,
                    "dtype": args.dtype, "batch": args.batch, "length": length}
-            for which, rs in runs.items():
-                seconds = statistics.median(r["seconds"] for r in rs)
-                row[f"{which}_tok_s"] = round(args.batch * length / seconds, 1)
-                row[f"{which}_peak_mb"] = max(r["peak_mb"] for r in rs)
-                row[f"{which}_forward_mb"] = round(max(r["peak_mb"] - r["held_mb"] for r in rs), 1)
+            for which, ts in times.items():
+                wall = statistics.median(t[0] for t in ts)
+                row[f"{which}_tok_s"] = round(args.batch * length / wall, 1)
+                if not cuda:
+                    row[f"{which}_cpu_s"] = round(statistics.median(t[1] for t in ts), 2)
+                row.update({f"{which}_{k}": v for k, v in measure_memory(which, folder, length, args).items()})
             if len(runs) == 2:
                 row["ratio"] = round(row["t5kit_tok_s"] / row["transformers_tok_s"], 2)
+                if not cuda:
+                    row["cpu_ratio"] = round(row["transformers_cpu_s"] / row["t5kit_cpu_s"], 2)
             row.update(repeats=args.repeats, warmup=args.warmup)
-            if args.device == "cpu":
+            if not cuda:
                 row["threads"] = args.threads
             print(json.dumps(row), flush=True)
 

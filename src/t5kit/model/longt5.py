@@ -135,6 +135,7 @@ class LongBias:
     window: Tensor | None = None
     flex: FlexLong | None = None
     chunks: dict = field(default_factory=dict)  # SDPA path: chunk start -> its bias, kept across layers
+    scratch: list = field(default_factory=list)  # SDPA path without gradients: the buffers every layer reuses
 
     @property
     def num_globals(self) -> int:
@@ -175,9 +176,10 @@ def _attend_blocks(q: Tensor, kv: tuple[Tensor, Tensor], gkv: tuple[Tensor, Tens
     Query block n (tokens nL .. nL + L - 1) attends key blocks n - 1, n, n + 1 (zeros beyond the
     ends, masked) and the G globals: W keys, as transformers lays them out. A chunk of c blocks is
     one attention.attend (SDPA) call over c x B rows (chunk-major). Its keys, values and bias are
-    written into buffers, reused from chunk to chunk without gradients (a fresh CPU tensor costs
-    its page faults); the bias is laid out (H, c x B, L, W), which SDPA reads through a transposed
-    view, so the global part is one gather: query i's row is side[:, G - id(i) : 2G - id(i)]."""
+    written into buffers, reused from chunk to chunk and layer to layer without gradients (a fresh
+    CPU tensor costs its page faults); the bias is laid out (H, c x B, L, W), which SDPA reads
+    through a transposed view, so the global part is one gather: query i's row is
+    side[:, G - id(i) : 2G - id(i)]."""
     b, h, s, d = q.shape
     n = bias.radius + 1
     blocks, g = -(-s // n), bias.num_globals
@@ -196,8 +198,13 @@ def _attend_blocks(q: Tensor, kv: tuple[Tensor, Tensor], gkv: tuple[Tensor, Tens
     def buffers(c: int) -> tuple[Tensor, Tensor, Tensor]:  # (H, c, B, L, W) bias; 2 x (c, B, H, W, D)
         return q.new_empty(h, c, b, n, w), q.new_empty(c, b, h, w, d), q.new_empty(c, b, h, w, d)
 
-    reuse = buffers(min(step, blocks)) if not torch.is_grad_enabled() else None
-    out = []
+    reuse = None
+    if not torch.is_grad_enabled():
+        if not bias.scratch:
+            bias.scratch.extend([*buffers(min(step, blocks)), q.new_empty(b, blocks * n, h * d)])
+        *reuse, out = bias.scratch
+    else:
+        out = q.new_empty(b, blocks * n, h * d)  # (B, N*L, H*D)
     for c0 in range(0, blocks, step):
         c1 = min(blocks, c0 + step)
         c = c1 - c0
@@ -223,8 +230,8 @@ def _attend_blocks(q: Tensor, kv: tuple[Tensor, Tensor], gkv: tuple[Tensor, Tens
         qc = qb[:, :, c0:c1].permute(2, 0, 1, 3, 4).reshape(c * b, h, n, d)  # (c*B, H, L, D)
         o = attend(qc, keys.view(c * b, h, w, d), values.view(c * b, h, w, d),
                    mask.view(h, c * b, n, w).transpose(0, 1), dropout_p=dropout_p)  # (c*B, H, L, D)
-        out.append(o.view(c, b, h, n, d).permute(1, 0, 3, 2, 4).reshape(b, c * n, h * d))  # (B, cL, H*D)
-    return torch.cat(out, dim=1)[:, :s]
+        out[:, c0 * n:c1 * n].view(b, c, n, h, d).copy_(o.view(c, b, h, n, d).permute(1, 0, 3, 2, 4))
+    return out[:, :s]  # (B, S, H*D)
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: compared by identity

@@ -123,7 +123,8 @@ def target_names(model: nn.Module, targets: Sequence[str]) -> list[str]:
              if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in leaves and ".lora_" not in name]
     missing = sorted(leaves - {n.rsplit(".", 1)[-1] for n in found})
     if missing and tuple(targets) != (ALL_LINEAR,):
-        have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)} & set(TARGETS))
+        have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+                      & set(TARGETS))
         raise ValueError(f"--lora-targets: module {', '.join(missing)} is not in this model; its projections "
                          f"are {', '.join(have)}")
     return found

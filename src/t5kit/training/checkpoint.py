@@ -151,11 +151,12 @@ def load(path: str, model, optimizer, load_optim: bool = True, load_rng: bool = 
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
     try:
         dcp.load(state, checkpoint_id=path)
-    except (RuntimeError, ValueError) as e:  # a key the checkpoint lacks (LoRA vs full, other targets)
-        if "Missing key" not in str(e):
+    except Exception as e:  # CheckpointException: each rank's error, as text
+        missing = re.search(r"Missing key in checkpoint state_dict: (\S+?)\.?$", str(e), re.M)
+        if missing is None:
             raise
-        raise ValueError(f"{path}: the checkpoint lacks tensors this run trains (saved by a run with other "
-                         f"--lora-* flags, or with / without LoRA?): {str(e)[:300]}") from None
+        raise ValueError(f"{path}: the checkpoint has no {missing[1]!r}, which this run trains (saved by a run "
+                         f"with other --lora-* flags, or with / without --lora-rank?)") from None
     set_model_state_dict(model, state["model"], options=options)
     if with_optim:
         set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
