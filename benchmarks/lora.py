@@ -111,7 +111,8 @@ def build(case: str, args, weights: dict):
     import transformers
 
     from t5kit.model.hf import t5kit_to_hf
-    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**cfg.to_hf_json()))
+    with torch.device(args.device):  # drawn there (fast on CUDA), then overwritten with the same weights as t5kit's
+        hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**cfg.to_hf_json()))
     hf.load_state_dict({t5kit_to_hf(k): v for k, v in weights.items()}, strict=False)  # tied: no lm_head
     hf.to(args.device, torch.bfloat16 if args.bf16 else torch.float32).train()
     if case == "peft_lora":
@@ -174,29 +175,33 @@ def child(args) -> None:
     print(json.dumps({"peak_rss_mb": round(int(hwm.split()[1]) / 1024)}))
 
 
-def _weights(args) -> dict:
-    """The random t5kit weights every case starts from (init_weights, seed 0)."""
+def _model(args):
+    """The random t5kit model every case starts from (init_weights, seed 0), drawn on the device."""
     import t5kit
-    torch.manual_seed(0)
-    model = t5kit.T5(t5kit.get_preset(args.shape).replace(dropout_rate=0.0))
-    model.init_weights(torch.Generator().manual_seed(0))
-    return model.state_dict()
+    with torch.device(args.device):
+        model = t5kit.T5(t5kit.get_preset(args.shape).replace(dropout_rate=0.0))
+    model.init_weights(torch.Generator(args.device).manual_seed(0))
+    return model
+
+
+def _weights(args) -> dict:
+    return _model(args).state_dict()
 
 
 def training(args, out) -> None:
     info = {"shape": args.shape, "rank": args.rank, "targets": args.targets, "batch": args.batch,
             "inputs": args.inputs, "targets_length": args.target_len, "device": args.device, "bf16": args.bf16,
             "t5kit_compile": args.compile}
+    weights = _weights(args) if args.device == "cuda" else None
     for case in args.cases:  # peak memory, each case alone
-        if args.device == "cuda":
-            weights = _weights(args)
+        if args.device == "cuda":  # what the case allocates beyond the starting weights held here
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            step, model, opt = build(case, args, {k: v.cuda() for k, v in weights.items()})
-            del weights
+            before = torch.cuda.memory_allocated()
+            step, model, opt = build(case, args, weights)
             _full_step(step)
             _full_step(step)
-            peak = round(torch.cuda.max_memory_allocated() / 2**20)
+            peak = round((torch.cuda.max_memory_allocated() - before) / 2**20)
             del step, model, opt
         else:
             res = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", case], capture_output=True,
@@ -205,9 +210,7 @@ def training(args, out) -> None:
         out({"bench": "lora_memory", **info, "case": case, "peak_mb": peak,
              "what": "max_memory_allocated" if args.device == "cuda" else "peak RSS of 2 steps, a process each"})
     # state and step time: the cases side by side, steps interleaved (one process, the same noise)
-    weights = _weights(args)
-    if args.device == "cuda":
-        weights = {k: v.cuda() for k, v in weights.items()}
+    weights = weights or _weights(args)
     pairs = [(a, b) for a, b in (("t5kit_full", "transformers_full"), ("t5kit_lora", "peft_lora"))
              if a in args.cases and b in args.cases]
     states = {}
@@ -247,11 +250,10 @@ def generation(args, out) -> None:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
         base, adapter = os.path.join(tmp, "base"), os.path.join(tmp, "adapter")
-        model = t5kit.T5(t5kit.get_preset(args.shape))
-        model.init_weights(torch.Generator().manual_seed(0))
+        model = _model(args).to(dtype)
         model.save_pretrained(base)
         lora = LoraConfig(args.rank, 2 * args.rank, 0.0, parse_targets(args.targets))
-        gen = torch.Generator().manual_seed(1)
+        gen = torch.Generator(args.device).manual_seed(1)
         add_lora(model, lora, gen)
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -21,12 +21,13 @@ LENGTHS = (37, 20, 4, 2)  # no multiple of 6 or 10 (the blocks); 2 < 3 tokens: a
 # name -> LongT5Config overrides, and whether the lm_head is saved untied (as released checkpoints are)
 VARIANTS = {
     # blocks of 6, global blocks of 3 (not a power of two: float32 block ids), 16 buckets to distance 20
-    "tglobal": (dict(encoder_attention_type="transient-global", local_radius=5, global_block_size=3,
-                     relative_attention_num_buckets=16, relative_attention_max_distance=20,
-                     feed_forward_proj="gated-gelu"), False),
-    "local": (dict(encoder_attention_type="local", local_radius=9, feed_forward_proj="relu"), True),
+    "tglobal": ({"encoder_attention_type": "transient-global", "local_radius": 5, "global_block_size": 3,
+                 "relative_attention_num_buckets": 16, "relative_attention_max_distance": 20,
+                 "feed_forward_proj": "gated-gelu"}, False),
+    "local": ({"encoder_attention_type": "local", "local_radius": 9, "feed_forward_proj": "relu"}, True),
 }
-SMALL = dict(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+SMALL = {"vocab_size": 300, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+         "decoder_start_token_id": 0}
 
 
 def _config(name: str, **kw):
@@ -225,3 +226,11 @@ def test_gpu_flex_forward_backward_match_sdpa(dtype, tol):
     assert grads[0].keys() == grads[1].keys()
     for k, g in grads[1].items():
         assert (grads[0][k] - g).abs().max() <= tol * g.abs().max().clamp(min=1e-6), k
+
+
+def test_bad_longt5_config_names_the_field():
+    with pytest.raises(ValueError, match="config.json: encoder_attention_type='global'"):
+        t5kit.T5Config.from_hf_json({"model_type": "longt5", "encoder_attention_type": "global"})
+    with pytest.raises(ValueError, match="global_block_size=0"):
+        t5kit.T5Config.from_hf_json({"model_type": "longt5", "global_block_size": 0})
+    assert "local_radius" not in t5kit.get_preset("t5-small").to_hf_json()  # T5 configs stay as they were

@@ -223,3 +223,10 @@ def test_adapter_for_other_base_shapes_names_the_module(hf_dir, tmp_path, capsys
     assert main(["export", "--model", other, "--adapter", adapter, "--out", str(tmp_path / "out")]) == 2
     assert "the adapter is for a (32, 32) weight" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_resuming_a_full_finetuning_checkpoint_with_lora_names_the_adapter(tasks, tmp_path, capsys):  # noqa: F811
+    save = tmp_path / "run"
+    assert main(_ft_args(tasks, save, 2, "--save-interval", "2")) == 0
+    assert main(_ft_args(tasks, save, 4, "--save-interval", "2", "--resume", "--lora-rank", "4")) == 2
+    assert "the checkpoint has no 'model.encoder.blocks.0.attn.q.lora_A.weight'" in capsys.readouterr().err

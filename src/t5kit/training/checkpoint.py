@@ -131,6 +131,7 @@ def load(path: str, model, optimizer, load_optim: bool = True, load_rng: bool = 
     those states. The RNG states are per rank: a rank that did not exist when saving keeps its
     fresh seeding. frozen False: the trainable parameters only (as `save` wrote them)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -151,8 +152,8 @@ def load(path: str, model, optimizer, load_optim: bool = True, load_rng: bool = 
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
     try:
         dcp.load(state, checkpoint_id=path)
-    except Exception as e:  # CheckpointException: each rank's error, as text
-        missing = re.search(r"Missing key in checkpoint state_dict: (\S+?)\.?$", str(e), re.M)
+    except CheckpointException as e:  # each rank's error, as text (a BaseException)
+        missing = re.search(r"^\w*Error: Missing key in checkpoint state_dict: (\S+?)\.?$", str(e), re.M)
         if missing is None:
             raise
         raise ValueError(f"{path}: the checkpoint has no {missing[1]!r}, which this run trains (saved by a run "
