@@ -2,7 +2,7 @@
 step time for full fine-tuning and for LoRA, and generation speed with an adapter.
 
     python benchmarks/lora.py                              # CPU, t5-base shape (about 5 minutes on 2 cores)
-    python benchmarks/lora.py --compile block --no-generate  # t5kit's steps as `--compile block` runs them
+    python benchmarks/lora.py --compile block --cases t5kit_lora peft_lora --no-memory --no-generate
     python benchmarks/lora.py --device cuda --shape flan-t5-xl --batch 8 --inputs 512 --targets 114
 
 One JSON line per measurement:
@@ -59,6 +59,7 @@ def _args(argv=None):
     ap.add_argument("--compile", default="none", choices=["none", "block", "model"],
                     help="t5kit's training cases as `--compile` runs them (the warm-up step compiles)")
     ap.add_argument("--no-generate", action="store_true")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # CPU peak memory: one case in a fresh process
     args = ap.parse_args(argv)
     args.bf16 = args.bf16 or args.device == "cuda"
@@ -193,7 +194,7 @@ def training(args, out) -> None:
             "inputs": args.inputs, "targets_length": args.target_len, "device": args.device, "bf16": args.bf16,
             "t5kit_compile": args.compile}
     weights = _weights(args) if args.device == "cuda" else None
-    for case in args.cases:  # peak memory, each case alone
+    for case in [] if args.no_memory else args.cases:  # peak memory, each case alone
         if args.device == "cuda":  # what the case allocates beyond the starting weights held here
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

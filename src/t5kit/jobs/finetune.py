@@ -1,5 +1,6 @@
 """`t5kit finetune`: text-to-text fine-tuning on one task or a mixture (T5 paper section 3.5.2),
-validated by loss or a generation metric; writes <save>/best and <save>/final in the HF layout.
+validated by loss or a generation metric; writes <save>/best and <save>/final in the HF layout,
+or with --lora-rank, LoRA adapters on a frozen base, as peft writes them (model/lora.py).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         set_dropout(model, cfg.dropout)
     n_frozen, save = freeze(model, cfg.freeze), save_pretrained
     if lora:
-        lora, n_frozen = with_adapters(model, lora, model_dir, cfg.seed)
+        lora = with_adapters(model, lora, model_dir, cfg.seed)
         save = partial(save_adapter, cfg=lora)
     tcfg, ocfg = cfg.loop(layout, eval_interval=cfg.eval_interval if valid else 0, export_best=valid is not None,
                           label_smoothing=cfg.label_smoothing, patience=cfg.patience,
@@ -162,15 +163,15 @@ def lora_config(cfg: FinetuneConfig) -> LoraConfig | None:
     return LoraConfig(cfg.lora_rank, alpha, cfg.lora_dropout, parse_targets(cfg.lora_targets))
 
 
-def with_adapters(model, lora: LoraConfig, model_dir: str, seed: int) -> tuple[LoraConfig, int]:
+def with_adapters(model, lora: LoraConfig, model_dir: str, seed: int) -> LoraConfig:
     """Freeze every weight of `model` and add trainable adapters (A drawn from `seed`, B zero: the
-    model starts as the base). -> (lora with its targets resolved (all-linear expanded, as peft
-    writes target_modules) and the base it adapts, number of frozen parameters)."""
+    model starts as the base). -> `lora` with its targets resolved (all-linear expanded, as peft
+    writes target_modules) and the base it adapts."""
     import torch
     model.requires_grad_(False)
     names = add_lora(model, lora, torch.Generator().manual_seed(seed))
     base = os.path.abspath(model_dir) if os.path.isdir(model_dir) else model_dir  # a hub id stays one
-    return replace(lora, targets=resolved_targets(names), base_model=base), model.config.num_params()
+    return replace(lora, targets=resolved_targets(names), base_model=base)
 
 
 def unique_names(sources: list[TaskSource]) -> list[TaskSource]:
