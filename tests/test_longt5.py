@@ -92,10 +92,11 @@ def test_logits_encoder_and_greedy_ids_match_transformers(checkpoint, name):
 def test_encoder_only_checkpoint_matches_longt5encodermodel(checkpoint, name):
     folder = checkpoint(name, encoder_only=True)
     enc, ref = t5kit.T5Encoder.from_pretrained(folder), transformers.LongT5EncoderModel.from_pretrained(folder).eval()
-    ids, mask, _ = _batch(enc.config.vocab_size)
-    with torch.no_grad():
-        diff = (enc(ids, mask) - ref(input_ids=ids, attention_mask=mask).last_hidden_state)[mask.bool()]
-    assert diff.abs().max() <= TOL
+    for lengths in (LENGTHS, (2, 1)):  # (2, 1): fewer tokens than a global block, no global token at all
+        ids, mask = padded_batch(enc.config.vocab_size, lengths=lengths)
+        with torch.no_grad():
+            diff = (enc(ids, mask) - ref(input_ids=ids, attention_mask=mask).last_hidden_state)[mask.bool()]
+        assert diff.abs().max() <= TOL, lengths
 
 
 @pytest.mark.hf

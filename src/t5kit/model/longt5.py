@@ -71,7 +71,7 @@ class LongAttention(Attention):
         """x (B, S, C) normed hidden states, kv their 2 x (B, H, S, D), bias the stack's -> (B, S, C)."""
         q = self.split(self.q(x))  # (B, H, S, D)
         gkv = None
-        if self.global_norm is not None:  # (B, G, C) -> 2 x (B, H, G, D)
+        if self.global_norm is not None and bias.num_globals:  # (B, G, C) -> 2 x (B, H, G, D); none below G tokens
             gkv = self.project_kv(self.global_norm(global_sums(x, bias.block_ids, bias.num_globals)))
         if bias.flex is not None:
             out = _attend_flex(q, kv, gkv, bias.flex)
@@ -252,7 +252,7 @@ class FlexLong:
         local, r = self.local, self.radius
         if local.shape[0] != heads:
             raise ValueError(f"LongT5 FlexAttention: the bias has {local.shape[0]} heads, the attention {heads}")
-        if self.side is None:
+        if self.side is None or not self.global_keep.shape[1]:  # local, or fewer tokens than a global block
             def add_local(score, b, h, q_idx, kv_idx):
                 return score + local[h, (kv_idx - q_idx).clamp(-r, r) + r]
             return add_local
