@@ -46,8 +46,6 @@ def cmd_generate(args) -> int:
     except FileNotFoundError:
         _err(f"{args.input}: input file not found")
         return 2
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
     try:
         model = T5.from_pretrained(args.model, dtype=resolve_dtype(args.dtype), device=args.device,
                                    adapter=args.adapter)
@@ -57,6 +55,8 @@ def cmd_generate(args) -> int:
         _err(str(e))
         return 2
     model = for_inference(model, args.quantize, args.decode_mode)
+    if args.seed is not None:  # seeded after loading, so that nothing drawn while loading moves the samples
+        torch.manual_seed(args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
               do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               length_penalty=args.length_penalty, early_stopping=args.early_stopping,

@@ -171,7 +171,8 @@ def fuse_qkv(model: T5) -> T5:
         a = blk.attn
         if a.qkv is None and all(type(m) is nn.Linear for m in (a.q, a.k, a.v)):
             w = torch.cat([a.q.weight, a.k.weight, a.v.weight])  # (3*H*D, C)
-            a.qkv = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            # skip_init: no random init, which would draw from the global generator that `--seed` set
+            a.qkv = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
             a.qkv.weight.copy_(w)
             a.q = a.k = a.v = None
     return model
@@ -180,7 +181,7 @@ def fuse_qkv(model: T5) -> T5:
 def _own_lm_head(model: T5) -> None:
     """Tied models read the LM head from `shared`; give them a Linear to convert (a copy)."""
     if model.lm_head is None:
-        model.lm_head = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False)
+        model.lm_head = nn.utils.skip_init(nn.Linear, model.config.d_model, model.config.vocab_size, bias=False)
         model.lm_head.weight = nn.Parameter(model.shared.weight.detach().clone())
 
 
