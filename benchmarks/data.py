@@ -118,7 +118,7 @@ def _cpu_s(who) -> float:
 def bench_preprocess(out: str, n_tokens: int, tok, workers: list[int]) -> dict:
     """Wall-clock tokens/s, and CPU seconds (this process and its reaped workers), which a shared,
     busy machine disturbs less: `cpu_vs_raw` = the tokenizer's CPU seconds / preprocessing's."""
-    from t5kit.data.readers import iter_documents
+    from t5kit.data.corpus import iter_documents
     from t5kit.data.store import build_token_store
     text = os.path.join(out, f"text-{n_tokens}.txt")
     if not os.path.isfile(text):

@@ -11,7 +11,8 @@ from test_pretrain import _pretrain_args, corpus  # noqa: F401  (corpus is a fix
 
 from t5kit.cli import main
 from t5kit.data.pretraining import DataConfig, SpanCorruptionBatches
-from t5kit.data.readers import TaskSource, expand_inputs, iter_documents, read_examples
+from t5kit.data.corpus import expand_inputs, iter_documents
+from t5kit.data.readers import TaskSource, read_examples
 from t5kit.data.spans import random_spans_helper
 from t5kit.data.store import build_token_store, open_store
 from t5kit.data.tokenizer import Tokenizer

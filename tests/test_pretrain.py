@@ -231,7 +231,7 @@ def test_corpus_check_on_arbitrary_bytes_names_the_problem_or_counts(tmp_path_fa
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
 
-    from t5kit.data.readers import check_corpus
+    from t5kit.data.corpus import check_corpus
     folder = tmp_path_factory.mktemp("bytes")
 
     @hypothesis.settings(max_examples=60, deadline=None)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..atomic import atomic_path, write_json
 from .megatron import WINDOW, MegatronIndex, gather, megatron_dtype, write_index
-from .readers import check_files, expand_inputs, iter_documents
+from .corpus import check_files, expand_inputs, iter_documents
 from .sources import SegmentTable, raw_segments
 from .tokenizer import Tokenizer
 
@@ -78,7 +78,7 @@ def _documents(paths: list[str], skip_bad_lines: bool, text_field: str, stats: d
 
 def build_token_store(paths: list[str], tok: Tokenizer, out: str, workers: int = 1, skip_bad_lines: bool = False,
                       progress: bool = True, text_field: str = "text", fmt: str = "t5kit") -> dict:
-    """Tokenize corpora (files, directories, globs: readers.expand_inputs) into a t5kit store folder
+    """Tokenize corpora (files, directories, globs: corpus.expand_inputs) into a t5kit store folder
     `out` (fmt "t5kit") or Megatron's `out.bin` / `out.idx` (fmt "megatron"). -> the header."""
     from tqdm import tqdm
 

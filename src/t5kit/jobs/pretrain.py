@@ -18,7 +18,7 @@ import numpy as np
 from ..data.embedded import write_embedded_corpus
 from ..data.objectives import MODE_TOKENS, build_objective, check_objective, example_record, parse_rates
 from ..data.pretraining import DataConfig, SpanCorruptionBatches, held_out_batches
-from ..data.readers import check_corpus, expand_inputs
+from ..data.corpus import check_corpus, expand_inputs
 from ..data.sources import Blend, parse_blend, parse_split, split_sources
 from ..data.store import build_token_store, is_store, open_store, unigram_entropy
 from ..data.tokenizer import train_tokenizer
@@ -139,7 +139,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict | None:
                              "--tokenizer-type and its files)")
         tok_dir = os.path.join(out, "tokenizer")
         if main:
-            from ..data.readers import iter_documents
+            from ..data.corpus import iter_documents
             say(f"training a {cfg.vocab_size}-piece SentencePiece tokenizer -> {tok_dir}")
             train_tokenizer((d for p in paths for d in iter_documents(p, cfg.skip_bad_lines, cfg.text_field)),
                             cfg.vocab_size, tok_dir, extra_ids=cfg.vocab_extra_ids)
