@@ -13,9 +13,10 @@ One JSON line per measurement:
   fresh process while it steps (interpreter and libraries included, the model's build not), on CUDA
   max_memory_allocated.
 - "lora_step": seconds per training step (forward, backward, AdamW), t5kit and transformers + peft
-  interleaved step by step in one process, medians; speedup = transformers' time over t5kit's.
+  interleaved step by step in one process (ABBA order), medians; speedup = transformers' time over
+  t5kit's.
 - "lora_generate": new tokens/s of greedy decoding (batch 1, --inputs tokens, exactly --new-tokens
-  new ones), interleaved rounds, medians: t5kit without and with the adapter (merged at load,
+  new ones), interleaved rounds (ABBA order), medians: t5kit without and with the adapter (merged at load,
   T5.from_pretrained(adapter=)), transformers without and with it (peft's PeftModel, unmerged).
 
 t5kit trains as `t5kit finetune --lora-rank` does (model/lora.add_lora on a frozen model, the
@@ -224,8 +225,8 @@ def training(args, out) -> None:
             out({"bench": "lora_state", **info, **states[case]})
             steps[case] = step
         times = {case: [] for case in steps}
-        for _ in range(args.steps):
-            for case, step in steps.items():
+        for i in range(args.steps):  # ABBA: neither side always runs right after the other
+            for case, step in list(steps.items())[::1 if i % 2 == 0 else -1]:
                 t0 = time.perf_counter()
                 _full_step(step)
                 _sync(args.device)
@@ -285,8 +286,8 @@ def generation(args, out) -> None:
         with torch.inference_mode():
             for name in models:
                 run(name)  # warm-up
-            for _ in range(args.repeats):
-                for name in models:
+            for i in range(args.repeats):
+                for name in list(models)[::1 if i % 2 == 0 else -1]:
                     _sync(args.device)
                     t0 = time.perf_counter()
                     run(name)
