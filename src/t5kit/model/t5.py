@@ -101,8 +101,9 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, C) -> q, k, v, 3 x (B, H, T, D): self-attention's projections, fused or not."""
-        if self.qkv is None:
-            return self.split(self.q(x)), *self.project_kv(x)
+        if self.qkv is None:  # k and v before q, the order of earlier releases (compiled training's rounding)
+            k, v = self.project_kv(x)
+            return self.split(self.q(x)), k, v
         return self.split(self.qkv(x)).chunk(3, dim=1)  # (B, T, 3*H*D) -> (B, 3*H, T, D) -> 3 x (B, H, T, D)
 
     def attend(self, q: Tensor, kv: tuple[Tensor, Tensor], bias: Tensor | FlexBias) -> Tensor:
