@@ -230,3 +230,15 @@ def test_resuming_a_full_finetuning_checkpoint_with_lora_names_the_adapter(tasks
     assert main(_ft_args(tasks, save, 2, "--save-interval", "2")) == 0
     assert main(_ft_args(tasks, save, 4, "--save-interval", "2", "--resume", "--lora-rank", "4")) == 2
     assert "the checkpoint has no 'model.encoder.blocks.0.attn.q.lora_A.weight'" in capsys.readouterr().err
+
+
+def test_longt5_adapter_keys_name_its_encoder_attention_as_peft_does():
+    """A LongT5 encoder's self-attention is `TransientGlobalSelfAttention` / `LocalSelfAttention` in
+    transformers, so peft's keys for its adapters carry that name (the decoder's stay T5's)."""
+    from t5kit.model.lora import peft_key
+    for kind, module in (("transient-global", "TransientGlobalSelfAttention"), ("local", "LocalSelfAttention")):
+        cfg = t5kit.get_preset("tiny").replace(model_type="longt5", encoder_attention_type=kind)
+        assert peft_key("encoder.blocks.1.attn.q.lora_A.weight", cfg) == \
+            f"{PREFIX}encoder.block.1.layer.0.{module}.q.lora_A.weight"
+        assert peft_key("decoder.blocks.0.attn.v.lora_B.weight", cfg) == \
+            f"{PREFIX}decoder.block.0.layer.0.SelfAttention.v.lora_B.weight"

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import T5Config
 from .hf import _write_safetensors, hf_to_t5kit, t5kit_to_hf
 from .hub import resolve_dir
 
@@ -148,14 +149,15 @@ def resolved_targets(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(t for t in TARGETS if t in leaves)
 
 
-def peft_key(name: str) -> str:
-    """t5kit state-dict key of an adapter tensor -> peft's key.
+def peft_key(name: str, config: T5Config | None = None) -> str:
+    """t5kit state-dict key of an adapter tensor -> peft's key (`config`: a LongT5 encoder's
+    attention has its own module name, hf.t5kit_to_hf).
 
     >>> peft_key("decoder.blocks.1.cross.q.lora_B.weight")
     'base_model.model.decoder.block.1.layer.1.EncDecAttention.q.lora_B.weight'
     """
     module, _, tail = name.partition(".lora_")
-    return PREFIX + t5kit_to_hf(module + ".weight").removesuffix(".weight") + ".lora_" + tail
+    return PREFIX + t5kit_to_hf(module + ".weight", config).removesuffix(".weight") + ".lora_" + tail
 
 
 def save_adapter(model: nn.Module, folder: str, cfg: LoraConfig) -> None:
@@ -166,7 +168,7 @@ def save_adapter(model: nn.Module, folder: str, cfg: LoraConfig) -> None:
 
     from ..atomic import write_json
     main = not dist.is_initialized() or dist.get_rank() == 0
-    state = {peft_key(k): v for k, v in model.state_dict().items() if ".lora_" in k}
+    state = {peft_key(k, getattr(model, "config", None)): v for k, v in model.state_dict().items() if ".lora_" in k}
     if main:
         os.makedirs(folder, exist_ok=True)
     _write_safetensors(os.path.join(folder, WEIGHTS_FILE), state, main)
