@@ -121,10 +121,12 @@ def summary(report: dict) -> list[str]:
     counts = {k: outcomes.count(k) for k in ("passed", "failed", "error", "skipped")}
     lines.append(f"tests (-m gpu): {counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors, "
                  f"{counts['skipped']} skipped in {p['tests']['seconds']} s")
-    for r in bench.get("generate", []):
-        others = ", ".join(f"{v}x {k.removeprefix('t5kit_over_')}" for k, v in r.items() if k.startswith("t5kit_over_"))
-        lines.append(f"generate {r['shape']} {r['dtype']} {r['case']}: t5kit {r['t5kit_tok_s']:.0f} new tok/s "
-                     f"= {others}")
+    generate = bench.get("generate", [])
+    if generate:  # one line for the cases: new tok/s (ratios to each contender)
+        lines.append(f"generate {generate[0]['shape']} {generate[0]['dtype']}: " + "; ".join(
+            f"{r['case']} {r['t5kit_tok_s']:.0f} tok/s (" + ", ".join(
+                f"{v}x {k.removeprefix('t5kit_over_')}" for k, v in r.items() if k.startswith("t5kit_over_")) + ")"
+            for r in generate))
     for r in bench.get("encode", []):
         lines.append(f"encode {r['shape']} {r['dtype']} b{r['batch']} x {r['length']}: t5kit {r['t5kit_tok_s']:.0f} "
                      f"tok/s ({r['t5kit_pct_peak']}% of peak), {r['ratio']}x transformers; peak memory "
@@ -133,6 +135,16 @@ def summary(report: dict) -> list[str]:
     if train:
         lines.append(f"train {train[0]['shape']} bf16 b{train[0]['batch']}, tok/s (compile s): "
                      + ", ".join(f"{r['case']} {r['tok_s']} ({r['compile_s']})" for r in train))
+    for r in bench.get("long", []):  # issue 20: LongT5's encoder
+        lines.append(f"long {r['preset']} {r['dtype']} {r['length']} tokens: t5kit {r['t5kit_tok_s']:.0f} tok/s, "
+                     f"{r.get('ratio')}x transformers; peak memory " + " vs ".join(
+                         f"{v:.0f}" for k, v in r.items() if k.endswith("_mb") and "peak" in k) + " MB")
+    lora = bench.get("lora", [])  # issue 21: LoRA steps and generation with the adapter
+    if lora:
+        lines.append("lora " + "; ".join(
+            f"{r['kind']} step {r['speedup']}x peft" if r["bench"] == "lora_step" else
+            f"generation with adapter {r['t5kit_adapter_vs_peft_adapter']}x peft's unmerged" for r in lora
+            if r["bench"] in ("lora_step", "lora_generate")))
     failed = [name for name, c in report["tests"].items() if c["outcome"] in ("failed", "error")]
     broken = [f"{name} ({_status(part)}, {part['log']})" for name, part in p.items() if part["rc"]
               and not (name == "tests" and failed and part["rc"] == 1)]
