@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary file beside the target, fsync, then rename.
+"""Atomic file writes: write to a temporary file (or folder: `replace_folder`) beside the target,
+fsync, then rename.
 
 A crash or a full disk mid-write leaves the previous file intact (POSIX rename is atomic within
 one filesystem). Standard library only, so every level of the package may use it.
@@ -30,6 +31,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def replace_folder(folder: str, write, swap: bool = True) -> None:
+    """`folder` replaced as a whole: write(tmp) fills `folder + ".tmp"` beside it, which then takes
+    its place, so a crash mid-way leaves the previous folder as it was. In a write shared by several
+    processes (a sharded model's export) every one calls it and one swaps: the others pass
+    swap=False and only write."""
+    import shutil
+
+    tmp, old = folder + ".tmp", folder + ".old"
+    if swap:
+        for stale in (tmp, old):
+            shutil.rmtree(stale, ignore_errors=True)
+    write(tmp)
+    if not swap:
+        return
+    if os.path.isdir(folder):
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -2,7 +2,7 @@
 transformers and CTranslate2 load, streamed tensor by tensor: each base tensor is read (memory-mapped),
 its module's update added in fp32 (model/lora.Adapter.merge), cast, written and dropped, so the
 whole model is never in memory. Tensor names, sharding at 5 GiB and config.json follow the base;
-the folder is written beside its place and swapped in (training/loop.replace_folder).
+the folder is written beside its place and swapped in (atomic.replace_folder).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from ..atomic import replace_folder
 from ..options import option
 from .common import resolve_model_dir, say
 
@@ -58,7 +59,6 @@ def export(cfg: ExportConfig, progress: bool = True) -> dict:
     from ..model.hub import resolve_dir
     from ..model.lora import Adapter
     from ..model.t5 import T5
-    from ..training.loop import replace_folder
 
     if not cfg.model or not cfg.adapter or not cfg.out:
         raise ValueError("--model, --adapter and --out are required")

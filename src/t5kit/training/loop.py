@@ -437,9 +437,9 @@ def _exit_reason(tcfg: TrainConfig, step: int, started: float) -> str | None:
 
 def export(model, tokenizer, folder: str, state: dict, save=save_pretrained) -> None:
     """HF-layout weights (or what `save` writes) + tokenizer + trainer_state.json in `folder`,
-    replaced as a whole (`replace_folder`). Called on every rank (a sharded model's tensors are
+    replaced as a whole (`atomic.replace_folder`). Called on every rank (a sharded model's tensors are
     gathered one at a time); rank 0 writes."""
-    from ..atomic import write_json
+    from ..atomic import replace_folder, write_json
 
     def write(tmp: str) -> None:
         save(model, tmp)
@@ -447,27 +447,7 @@ def export(model, tokenizer, folder: str, state: dict, save=save_pretrained) -> 
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             write_json(os.path.join(tmp, "trainer_state.json"), state)
-    replace_folder(folder, write)
-
-
-def replace_folder(folder: str, write) -> None:
-    """`folder` replaced as a whole: write(tmp) fills a folder beside it, which then takes its
-    place, so a crash mid-way leaves the previous one loadable. `write` runs on every rank; rank 0
-    swaps."""
-    import shutil
-
-    main = parallel.is_main()
-    tmp, old = folder + ".tmp", folder + ".old"
-    if main:
-        for stale in (tmp, old):
-            shutil.rmtree(stale, ignore_errors=True)
-    write(tmp)
-    if not main:
-        return
-    if os.path.isdir(folder):
-        os.rename(folder, old)
-    os.rename(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(folder, write, swap=parallel.is_main())
 
 
 def write_run_config(out: str, **parts) -> None:
