@@ -28,7 +28,8 @@ PUBLIC = {
     "GenerationConfig": type, "for_inference": "function", "quantize_int8": "function",
     "pretrain": "function", "PretrainConfig": type, "finetune": "function", "FinetuneConfig": type,
     "evaluate": "function", "EvalConfig": type, "embed": "function", "EmbedConfig": type,
-    "demo": "function", "DemoConfig": type, "serve": "function", "ServeConfig": type,
+    "demo": "function", "DemoConfig": type, "export": "function", "ExportConfig": type,
+    "serve": "function", "ServeConfig": type,
 }
 
 

@@ -3,7 +3,8 @@
 The public API (README, "Python API"); these names stay stable whatever moves inside:
 - models: T5, T5Encoder, T5Config, get_preset, PRESETS; tokenizers: Tokenizer, train_tokenizer;
 - inference: GenerationConfig, for_inference, quantize_int8;
-- the jobs with their configs: pretrain, finetune, evaluate, embed, demo; serve with ServeConfig.
+- the jobs with their configs: pretrain, finetune, evaluate, embed, demo, export (a LoRA adapter
+  merged into its base); serve with ServeConfig.
 
 Importing binds the loading / saving / generation methods onto T5 and T5Encoder: they live in
 model/hf.py and inference/generate.py, above model/t5.py, which cannot import them (DESIGN.md,
@@ -28,7 +29,8 @@ T5Encoder.save_pretrained = _hf.save_pretrained
 _LAZY = {"pretrain": "jobs.pretrain", "PretrainConfig": "jobs.pretrain", "finetune": "jobs.finetune",
          "FinetuneConfig": "jobs.finetune", "evaluate": "jobs.evaluate", "EvalConfig": "jobs.evaluate",
          "embed": "jobs.embed", "EmbedConfig": "jobs.embed", "demo": "jobs.demo", "DemoConfig": "jobs.demo",
-         "serve": "serving.server", "ServeConfig": "serving.server"}
+         "export": "jobs.export", "ExportConfig": "jobs.export", "serve": "serving.server",
+         "ServeConfig": "serving.server"}
 
 
 def __getattr__(name: str):
@@ -41,5 +43,6 @@ def __getattr__(name: str):
 __version__ = "0.1.0"
 __all__ = ["T5", "T5Encoder", "T5Config", "PRESETS", "get_preset", "Tokenizer", "train_tokenizer",
            "GenerationConfig", "for_inference", "quantize_int8", "pretrain", "PretrainConfig", "finetune",
-           "FinetuneConfig", "evaluate", "EvalConfig", "embed", "EmbedConfig", "demo", "DemoConfig", "serve",
+           "FinetuneConfig", "evaluate", "EvalConfig", "embed", "EmbedConfig", "demo", "DemoConfig", "export",
+           "ExportConfig", "serve",
            "ServeConfig", "__version__"]
