@@ -256,14 +256,14 @@ def _add_jobs(sub) -> None:
 
 def cmd_preprocess(args) -> int:
     from .data.store import build_token_store
-    from .data.tokenizer import Tokenizer
+    from .jobs.common import tokenizer_for
     megatron = args.tokenizer_type or args.tokenizer_model or args.vocab_file
     if bool(args.tokenizer) == bool(megatron):
         _err("give --tokenizer DIR, or Megatron's --tokenizer-type with --vocab-file / --tokenizer-model")
         return 2
     try:
-        tok = Tokenizer.from_megatron(args.tokenizer_type, args.tokenizer_model, args.vocab_file,
-                                      args.vocab_extra_ids) if megatron else Tokenizer.from_pretrained(args.tokenizer)
+        tok = tokenizer_for(None, args.tokenizer, args.tokenizer_type, args.tokenizer_model, args.vocab_file,
+                            args.vocab_extra_ids)  # the one choice of tokenizer, as `t5kit pretrain` makes it
         header = build_token_store(args.input, tok, args.out, workers=args.workers, skip_bad_lines=args.skip_bad_lines,
                                    text_field=args.text_field, fmt=args.format)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
