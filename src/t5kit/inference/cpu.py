@@ -3,11 +3,12 @@
 - `pack_linears`: every nn.Linear becomes a `PackedLinear` holding its weight in the layout
   measured fastest on this machine for that weight's shape (`choose_layout`): oneDNN's blocked
   layout, the layout its GEMM kernels read (what inductor's CPU `freezing` does for compiled
-  graphs), packed without or with a batch-1 hint, or the weight as it is, for MKL's GEMV / GEMM
-  behind F.linear. Same fp32 arithmetic, float rounding aside. Measured on a 2-core AVX-512 Intel
-  CPU, packing made t5-small greedy decoding 1.4-1.7x faster than PyTorch's default path, which
-  repacks the weight on every call (the 32k x 512 LM head alone: 6 ms per call unpacked, 2 ms
-  packed); issue 19 asked that the layout be chosen per CPU class rather than assumed.
+  graphs), packed without or with a batch-1 hint, the same with calls of 1-3 rows padded to 4, or
+  the weight as it is, for MKL's GEMV / GEMM behind F.linear. Same fp32 arithmetic, float
+  rounding aside. Measured on a 2-core AVX-512 Intel CPU, packing made t5-small greedy decoding
+  1.4-1.7x faster than PyTorch's default path, which repacks the weight on every call (the 32k x
+  512 LM head alone: 6 ms per call unpacked, 2 ms packed); issue 19 asked that the layout be
+  chosen per CPU class rather than assumed.
 - `fuse_qkv`: each decoder block's self-attention q, k and v become one (3*H*D, C) Linear, so a
   decode step runs one GEMV there instead of three (`Attention.project_qkv`).
 - `quantize_int8`: PyTorch's dynamic quantization (fbgemm / x86 kernels, int8 weights per output
@@ -31,10 +32,17 @@ from torch import Tensor, nn
 from ..model.t5 import T5
 
 # How a Linear's weight is held (PackedLinear): oneDNN's blocked layout for any batch (PyTorch's
-# default hint), the same packed for one row (a decode step at batch 1), or row-major for F.linear.
-LAYOUTS = ("onednn", "onednn_b1", "plain")
+# default hint), the same packed for one row (a decode step at batch 1), the default packing called
+# with at least PAD_ROWS rows, or row-major for F.linear.
+LAYOUTS = ("onednn", "onednn_b1", "onednn_pad4", "plain")
 DEFAULT_LAYOUT = "onednn"  # the layout of every earlier release: kept unless another is clearly faster
 MARGIN = 0.9  # another layout is chosen only when it takes under 90% of the default's time
+# onednn_pad4: a call with fewer rows (a decode step at batch 1-3) is padded with zero rows to this
+# many. On an AMD EPYC Zen 4 (AVX-512, 2 threads) oneDNN's kernel for 4 rows read the default-packed
+# weight faster than its 1-row path (t5-base 768 x 3072: 413 -> 307 us, the LM head 3.68 -> 3.19 ms;
+# 2 or 8 rows: no gain); with AVX2 kernels it did not pay, hence a timed choice (docs/inference.md).
+PAD_ROWS = 4
+TIMED_ROWS = (1, 4, 16)  # rows per call timed: a batch-1 decode step, beam 4, batch 16
 _CHOSEN: dict[tuple, str] = {}  # layout_key -> layout: timed once per process, per CPU model and shape
 
 
@@ -78,6 +86,7 @@ class PackedLinear(nn.Module):
             raise ValueError(f"CPU weight layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
         self.out_features, self.in_features = weight.shape
         self.layout = layout
+        self.pad_rows = PAD_ROWS if layout == "onednn_pad4" else 0
         weight = weight.detach().contiguous()
         if layout == "plain":
             self.weight = weight
@@ -87,7 +96,13 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.layout == "plain":
             return F.linear(x, self.weight)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        rows = x.numel() // self.in_features
+        if rows >= self.pad_rows:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        flat = x.reshape(rows, self.in_features)  # (R, in) -> (PAD_ROWS, in); each row's result is its own
+        padded = torch.cat([flat, flat.new_zeros(self.pad_rows - rows, self.in_features)])
+        y = torch.ops.mkldnn._linear_pointwise(padded, self.weight, None, "none", [], "")
+        return y[:rows].view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}"
@@ -107,10 +122,10 @@ def layout_key(shape: tuple[int, int], dtype: torch.dtype) -> tuple:
 
 def choose_layout(shape: tuple[int, int], dtype: torch.dtype) -> str:
     """The layout for an (out, in) weight: $T5KIT_CPU_LAYOUT if it names one; else the decision
-    cached for this CPU model, thread count and dtype; else DEFAULT_LAYOUT on AVX-512 CPUs, where it
-    was measured fastest (an Intel Xeon and an AMD EPYC Zen 4: docs/inference.md), and the fastest
-    by `time_layouts` on the others (AVX2: issue 19), or everywhere with T5KIT_CPU_LAYOUT=timed.
-    A decision is kept for the rest of the process."""
+    cached for this CPU model, thread count and dtype; else the fastest by `time_layouts` and
+    `fastest`. A decision is kept for the rest of the process. (Until issue 19's second pass AVX-512
+    CPUs kept DEFAULT_LAYOUT untimed, because the one-row timing alone once chose the batch-1 hint,
+    which costs every multi-row step; `fastest` now refuses a layout that slows multi-row calls.)"""
     env = os.environ.get("T5KIT_CPU_LAYOUT", "")
     if env in LAYOUTS:
         return env
@@ -118,27 +133,31 @@ def choose_layout(shape: tuple[int, int], dtype: torch.dtype) -> str:
         raise ValueError(f"T5KIT_CPU_LAYOUT={env!r}: expected one of {', '.join(LAYOUTS)} or timed")
     key = layout_key(shape, dtype)
     if key not in _CHOSEN:
-        measured = env == "timed" or not cpu_info()["cpu_flags"]["avx512f"]
-        _CHOSEN[key] = fastest(time_layouts(shape, dtype)) if measured else DEFAULT_LAYOUT
+        _CHOSEN[key] = fastest(time_layouts(shape, dtype))
     return _CHOSEN[key]
 
 
-def fastest(seconds: dict[str, float]) -> str:
-    """The default layout unless another takes under MARGIN of its time: timing noise must not move
-    a machine off the layout that served it (issue 19: no cost to AVX-512 Intel CPUs).
+def fastest(seconds: dict[str, dict[int, float]]) -> str:
+    """From {layout: {rows per call: seconds}} (`time_layouts`): the layout fastest at one row among
+    those no slower than the default at every larger row count (within the margin: a batch-1 win
+    must not cost beams and batches), if it takes under MARGIN of the default's one-row time; else
+    the default. Timing noise must not move a machine off the layout that served it (issue 19: no
+    cost to AVX-512 Intel CPUs).
 
-    >>> fastest({"onednn": 1.0, "onednn_b1": 0.95, "plain": 0.8})
+    >>> fastest({"onednn": {1: 1.0, 16: 2.0}, "onednn_b1": {1: 0.5, 16: 3.0}, "plain": {1: 0.8, 16: 2.1}})
     'plain'
-    >>> fastest({"onednn": 1.0, "onednn_b1": 0.95, "plain": 0.92})
+    >>> fastest({"onednn": {1: 1.0, 16: 2.0}, "onednn_b1": {1: 0.5, 16: 3.0}, "plain": {1: 0.92, 16: 2.0}})
     'onednn'
     """
-    best = min(seconds, key=seconds.get)
-    return best if seconds[best] < MARGIN * seconds[DEFAULT_LAYOUT] else DEFAULT_LAYOUT
+    default = seconds[DEFAULT_LAYOUT]
+    fair = [name for name, t in seconds.items() if all(t[r] * MARGIN <= default[r] for r in t if r > 1)]
+    best = min(fair, key=lambda name: seconds[name][1])
+    return best if seconds[best][1] < MARGIN * default[1] else DEFAULT_LAYOUT
 
 
-def time_layouts(shape: tuple[int, int], dtype: torch.dtype, rounds: int = 5) -> dict[str, float]:
-    """Seconds per one-row call (a decode step at batch 1) of an (out, in) weight in each layout,
-    the weights cold as in a decode step, where the whole model streams from memory: each pass calls
+def time_layouts(shape: tuple[int, int], dtype: torch.dtype, rounds: int = 5) -> dict[str, dict[int, float]]:
+    """Seconds per call of an (out, in) weight in each layout, for each row count in TIMED_ROWS, the
+    weights cold as in a decode step, where the whole model streams from memory: each pass calls
     enough copies to fill twice the last-level cache (at most 64). Layouts take turns, so each sees
     the same machine noise, and each keeps its fastest pass (noise only adds time). Weights larger
     than that (an mT5 LM head: 250k rows) are timed over their first rows: a GEMV's cost per byte
@@ -149,17 +168,18 @@ def time_layouts(shape: tuple[int, int], dtype: torch.dtype, rounds: int = 5) ->
     copies = max(1, min(64, -(-span // (out_f * row_bytes))))
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(out_f, in_f, generator=gen).to(dtype)
-    x = torch.randn(1, in_f, generator=gen).to(dtype)
+    xs = {rows: torch.randn(rows, in_f, generator=gen).to(dtype) for rows in TIMED_ROWS}
     layouts = {name: [PackedLinear(weight.clone(), name) for _ in range(copies)] for name in LAYOUTS}
-    best = dict.fromkeys(layouts, float("inf"))
+    best = {name: dict.fromkeys(TIMED_ROWS, float("inf")) for name in layouts}
     with torch.inference_mode():
         for r in range(rounds + 1):  # the first pass warms up (first-call primitive creation)
-            for name, mods in layouts.items():
-                t0 = time.perf_counter()
-                for m in mods:
-                    m(x)
-                if r:
-                    best[name] = min(best[name], (time.perf_counter() - t0) / copies)
+            for rows, x in xs.items():
+                for name, mods in layouts.items():
+                    t0 = time.perf_counter()
+                    for m in mods:
+                        m(x)
+                    if r:
+                        best[name][rows] = min(best[name][rows], (time.perf_counter() - t0) / copies)
     return best
 
 
