@@ -123,5 +123,6 @@ def test_layout_from_the_environment(monkeypatch):
     assert {m.layout for m in packed.modules() if isinstance(m, cpu.PackedLinear)} == {"plain"}
     assert cpu._CHOSEN == {}  # nothing timed nor cached
     monkeypatch.setenv("T5KIT_CPU_LAYOUT", "fast")
-    with pytest.raises(ValueError, match="T5KIT_CPU_LAYOUT='fast': expected one of onednn, onednn_b1, onednn_pad4, plain or timed"):
+    want = "T5KIT_CPU_LAYOUT='fast': expected one of onednn, onednn_b1, onednn_pad4, plain or timed"
+    with pytest.raises(ValueError, match=want):
         cpu.pack_linears(_model())
