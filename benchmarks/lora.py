@@ -14,7 +14,11 @@ One JSON line per measurement:
   max_memory_allocated.
 - "lora_step": seconds per training step (forward, backward, AdamW), t5kit and transformers + peft
   interleaved step by step in one process (ABBA order), medians; speedup = transformers' time over
-  t5kit's.
+  t5kit's. Beside them the ceiling: each side's FLOPs per step (torch.utils.flop_counter, matmuls
+  and attention; t5kit's only when not compiled), the rate that makes of each step, and the
+  device's GEMM rate (a 4096^3 matmul in the run's dtype, `gemm_rate`); ceiling_speedup =
+  transformers' step time over its FLOPs at that rate: no implementation doing the same arithmetic
+  can beat transformers + peft by more.
 - "lora_generate": new tokens/s of greedy decoding (batch 1, --inputs tokens, exactly --new-tokens
   new ones), interleaved rounds (ABBA order), medians: t5kit without and with the adapter (merged at load,
   T5.from_pretrained(adapter=)), transformers without and with it (peft's PeftModel, unmerged).
@@ -148,6 +152,28 @@ def state_row(case: str, model, opt) -> dict:
             "optim_mb": round(optim / 2**20, 3)}
 
 
+def gemm_rate(device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of the device's GEMM: the best of 5 (4096 x 4096) @ (4096 x 4096) products."""
+    a, b = (torch.randn(4096, 4096, device=device).to(dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4096**3 / best
+
+
+def step_flops(step) -> int:
+    """FLOPs of one training step (forward and backward) as torch.utils.flop_counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step().zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def _full_step(step) -> None:
     opt = step()
     opt.step()
@@ -216,14 +242,17 @@ def training(args, out) -> None:
     pairs = [(a, b) for a, b in (("t5kit_full", "transformers_full"), ("t5kit_lora", "peft_lora"))
              if a in args.cases and b in args.cases]
     states = {}
+    rate = gemm_rate(args.device, torch.bfloat16 if args.bf16 else torch.float32)
     for ours, theirs in pairs:
-        steps = {}
+        steps, flops = {}, {}
         for case in (ours, theirs):
             step, model, opt = build(case, args, weights)
             step()  # the warm-up (compilation under --compile)
             states[case] = state_row(case, model, opt)
             out({"bench": "lora_state", **info, **states[case]})
             steps[case] = step
+            if case == theirs or args.compile == "none":
+                flops[case] = step_flops(step)
         times = {case: [] for case in steps}
         for i in range(args.steps):  # ABBA: neither side always runs right after the other
             for case, step in list(steps.items())[::1 if i % 2 == 0 else -1]:
@@ -232,8 +261,14 @@ def training(args, out) -> None:
                 _sync(args.device)
                 times[case].append(time.perf_counter() - t0)
         t = {case: statistics.median(v) for case, v in times.items()}
+        ceiling = {f"{side}_gflop": round(flops[case] / 1e9, 1) for side, case in (("t5kit", ours), ("transformers", theirs))
+                   if case in flops}
+        ceiling.update({f"{side}_gflop_s": round(flops[case] / t[case] / 1e9, 1)
+                        for side, case in (("t5kit", ours), ("transformers", theirs)) if case in flops})
         out({"bench": "lora_step", **info, "kind": "lora" if "lora" in ours else "full", "t5kit_s": round(t[ours], 3),
-             "transformers_s": round(t[theirs], 3), "speedup": round(t[theirs] / t[ours], 2), "steps": args.steps})
+             "transformers_s": round(t[theirs], 3), "speedup": round(t[theirs] / t[ours], 2), "steps": args.steps,
+             **ceiling, "gemm_rate_gflop_s": round(rate / 1e9, 1),
+             "ceiling_speedup": round(t[theirs] / (flops[theirs] / rate), 2)})
         del steps
     for ours, full in (("t5kit_lora", "t5kit_full"), ("peft_lora", "transformers_full")):
         if ours in states and full in states:

@@ -55,7 +55,7 @@ def export(cfg: ExportConfig, progress: bool = True) -> dict:
 
     from ..data.tokenizer import Tokenizer
     from ..model.config import T5Config
-    from ..model.hf import _weight_files, hf_to_t5kit, resolve_dtype, write_checkpoint
+    from ..model.hf import weight_files, hf_to_t5kit, resolve_dtype, write_checkpoint
     from ..model.hub import resolve_dir
     from ..model.lora import Adapter
     from ..model.t5 import T5
@@ -70,7 +70,7 @@ def export(cfg: ExportConfig, progress: bool = True) -> dict:
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in T5(config).state_dict().items()}
     adapter.check(shapes)
-    kind, files = _weight_files(folder)
+    kind, files = weight_files(folder)
     state, merged = {}, 0
     for key, (get, shape, dtype) in _tensors(kind, files).items():
         name = hf_to_t5kit(key)

@@ -99,7 +99,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"dtype {dtype!r} does not exist: expected one of {sorted(DTYPES)}") from None
 
 
-def _weight_files(folder: str, wanted=lambda key: True) -> tuple[str, list[str]]:
+def weight_files(folder: str, wanted=lambda key: True) -> tuple[str, list[str]]:
     """-> (kind, files) for the first weight layout present: safetensors, sharded, or .bin. Of a
     sharded checkpoint only the shards holding a `wanted` tensor (by the index) are listed."""
     for index, single, kind in ((SAFE_INDEX, SAFE_SINGLE, "safetensors"), (BIN_INDEX, BIN_SINGLE, "bin")):
@@ -169,7 +169,7 @@ def from_pretrained(cls, path_or_hub_id: str | os.PathLike, dtype: str | torch.d
     config = T5Config.from_hf_json(os.path.join(folder, "config.json"))
     encoder_only = issubclass(cls, T5Encoder)
     skipped = DECODER_SIDE.match if encoder_only else (lambda key: None)
-    reader = _Reader(*_weight_files(folder, wanted=lambda key: not skipped(key)), device="cpu")
+    reader = _Reader(*weight_files(folder, wanted=lambda key: not skipped(key)), device="cpu")
     if not encoder_only and not any(k.startswith("decoder.") for k in reader.where):
         raise ValueError(f"{folder}: an encoder-only checkpoint (no decoder tensors; architectures "
                          f"{config.extra.get('architectures')}): load it with t5kit.T5Encoder.from_pretrained")
@@ -257,7 +257,7 @@ def write_checkpoint(state: dict, config: dict, out_dir: str | os.PathLike, max_
     if main:
         os.makedirs(out_dir, exist_ok=True)
     for name, keys in zip(names, shards):
-        _write_safetensors(os.path.join(out_dir, name), {k: state[k] for k in keys}, main)
+        write_safetensors(os.path.join(out_dir, name), {k: state[k] for k in keys}, main)
     if not main:
         return
     stale = [SAFE_INDEX] if len(shards) == 1 else [SAFE_SINGLE]
@@ -276,7 +276,7 @@ SAFE_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16
                torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def _write_safetensors(path: str, tensors: dict, write: bool) -> None:
+def write_safetensors(path: str, tensors: dict, write: bool) -> None:
     """One safetensors file, written tensor by tensor: the header (names, dtypes, shapes, byte
     offsets) is known from the shapes alone, then each tensor's bytes follow in header order
     (the format: an 8-byte little-endian header length, the JSON header padded to 8 bytes, the

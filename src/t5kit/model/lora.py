@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import T5Config
-from .hf import _write_safetensors, hf_to_t5kit, t5kit_to_hf
+from .hf import write_safetensors, hf_to_t5kit, t5kit_to_hf
 from .hub import resolve_dir
 
 TARGETS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
@@ -171,7 +171,7 @@ def save_adapter(model: nn.Module, folder: str, cfg: LoraConfig) -> None:
     state = {peft_key(k, getattr(model, "config", None)): v for k, v in model.state_dict().items() if ".lora_" in k}
     if main:
         os.makedirs(folder, exist_ok=True)
-    _write_safetensors(os.path.join(folder, WEIGHTS_FILE), state, main)
+    write_safetensors(os.path.join(folder, WEIGHTS_FILE), state, main)
     if main:
         write_json(os.path.join(folder, CONFIG_FILE), cfg.to_peft_json())
 
