@@ -95,15 +95,52 @@ def test_compiled_slots_follow_new_weights():
 
 def test_packing_after_compiled_decoding_builds_a_new_slot():
     """Packing (cpu.py) replaces the Linear weights a compiled slot read: the next compiled decoding
-    builds a new slot, which refuses packed weights with its reason (issue 17: the old slot was
-    reused and inductor failed lowering the packed linears)."""
+    builds a new slot, over the packed weights (issue 17: the old slot was reused and inductor
+    failed lowering the packed linears)."""
     if not t5kit.inference.cpu.can_pack(torch.float32):
         pytest.skip("this PyTorch build has no oneDNN")
     model = _tiny()
     ids, mask = padded_batch(128, lengths=(12, 5))
     model.generate(ids, mask, max_new_tokens=4, decode_mode="compile")
-    with pytest.raises(ValueError, match="'compile' takes the model's own weights"):
-        pack_linears(model).generate(ids, mask, max_new_tokens=4, decode_mode="compile")
+    (old,) = engine._SLOTS[model]
+    packed = pack_linears(model)
+    want = packed.generate(ids, mask, max_new_tokens=4, decode_mode="eager")
+    assert torch.equal(packed.generate(ids, mask, max_new_tokens=4, decode_mode="compile"), want)
+    (new,) = engine._SLOTS[model]  # the old slot, over the weights packing removed, left the list
+    assert new is not old
+
+
+def test_compiled_slots_do_not_share_a_recompile_limit(monkeypatch):
+    """Each slot compiles a copy of the step with a code object of its own: dynamo counts
+    recompilations per code object, and one shared by every slot failed the ninth slot shape or model
+    of a process (`recompile_limit`, 8; set to 1 here, so the second shape would fail)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = _tiny()
+    for lengths in ((12,), (12, 5), (30, 12, 7)):  # batch buckets 1, 2 and 4: three slot shapes
+        ids, mask = padded_batch(128, lengths=lengths)
+        assert torch.equal(model.generate(ids, mask, max_new_tokens=3, decode_mode="compile"),
+                           model.generate(ids, mask, max_new_tokens=3, decode_mode="eager"))
+
+
+@pytest.mark.parametrize("layout, rows", [("onednn_pad4", 1), ("onednn", 2)])
+def test_compiled_step_over_packed_weights_equals_eager(layout, rows):
+    """`--decode-mode compile` on packed CPU weights (what `t5kit generate` runs; issue 19): the
+    compiled step calls them through cpu.onednn_linear, one row padded to 4 included, with the
+    eager packed step's logits (1e-5) and ids."""
+    if not t5kit.inference.cpu.can_pack(torch.float32):
+        pytest.skip("this PyTorch build has no oneDNN")
+    model = pack_linears(_tiny(), layouts=layout)
+    ids, mask = padded_batch(128, lengths=(12, 5)[:rows])
+    with torch.inference_mode():
+        eager = engine.start(model, ids, mask, 1, 6, "eager")
+        twin = engine.start(model, ids, mask, 1, 6, "compile")
+        tokens = torch.zeros(rows, 1, dtype=torch.long)
+        for _ in range(6):
+            want, got = eager(tokens), twin(tokens)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            tokens = want.argmax(-1, keepdim=True)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=8, decode_mode="compile"),
+                       model.generate(ids, mask, max_new_tokens=8, decode_mode="eager"))
 
 
 def test_slots_do_not_keep_their_model_alive():
@@ -178,9 +215,6 @@ def test_bad_decode_mode(copy_model_dir):
         model.generate(ids, decode_mode="fast")
     with pytest.raises(ValueError, match="'graph' .* needs a CUDA device"):
         model.generate(ids, decode_mode="graph")
-    if t5kit.inference.cpu.can_pack(torch.float32):
-        with pytest.raises(ValueError, match="'compile' takes the model's own weights"):
-            pack_linears(model).generate(ids, decode_mode="compile")
 
 
 @pytest.mark.gpu

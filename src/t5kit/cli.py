@@ -54,7 +54,7 @@ def cmd_generate(args) -> int:
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         _err(str(e))
         return 2
-    model = for_inference(model, args.quantize, args.decode_mode)
+    model = for_inference(model, args.quantize)
     if args.seed is not None:  # seeded after loading, so that nothing drawn while loading moves the samples
         torch.manual_seed(args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,

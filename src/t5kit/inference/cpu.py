@@ -75,10 +75,35 @@ def _last_level_cache_bytes() -> int:
     return max(sizes, default=32 * 2**20)
 
 
+def _onednn_linear(x: Tensor, weight: Tensor, out_features: int, pad_rows: int) -> Tensor:
+    """x (..., in) @ W^T for a oneDNN-packed W (out, in) -> (..., out); a call of fewer than
+    pad_rows rows is padded with zero rows to pad_rows (onednn_pad4; each row's result is its own)."""
+    in_features = x.shape[-1]
+    rows = x.numel() // in_features
+    if rows >= pad_rows:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    flat = x.reshape(rows, in_features)  # (R, in) -> (pad_rows, in)
+    padded = torch.cat([flat, flat.new_zeros(pad_rows - rows, in_features)])
+    y = torch.ops.mkldnn._linear_pointwise(padded, weight, None, "none", [], "")
+    return y[:rows].reshape(*x.shape[:-1], out_features)
+
+
+# The same as an operator of its own, for torch.compile (`--decode-mode compile`): inductor lowers
+# mkldnn._linear_pointwise only over weights it packed itself as frozen constants, which it does not
+# do here (engine._compile), so the compiled decode step calls this as one opaque kernel over the
+# packed weight and fuses everything around it (norms, residuals, the cache write), which removes
+# the per-op dispatch of the eager step. Eager calls go straight to _onednn_linear: an operator
+# call costs a few microseconds more, on 100+ GEMVs a step.
+onednn_linear = torch.library.custom_op("t5kit::onednn_linear", _onednn_linear, mutates_args=())
+
+
+@onednn_linear.register_fake
+def _(x: Tensor, weight: Tensor, out_features: int, pad_rows: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class PackedLinear(nn.Module):
     """y = x W^T with W (out, in) held in `layout` (one of LAYOUTS); x (..., in) -> (..., out)."""
-
-    onednn_packed = True  # engine.py refuses to torch.compile pack_linears' weights (inductor packs its own)
 
     def __init__(self, weight: Tensor, layout: str):
         super().__init__()
@@ -96,13 +121,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.layout == "plain":
             return F.linear(x, self.weight)
-        rows = x.numel() // self.in_features
-        if rows >= self.pad_rows:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
-        flat = x.reshape(rows, self.in_features)  # (R, in) -> (PAD_ROWS, in); each row's result is its own
-        padded = torch.cat([flat, flat.new_zeros(self.pad_rows - rows, self.in_features)])
-        y = torch.ops.mkldnn._linear_pointwise(padded, self.weight, None, "none", [], "")
-        return y[:rows].view(*x.shape[:-1], self.out_features)
+        linear = onednn_linear if torch.compiler.is_compiling() else _onednn_linear
+        return linear(x, self.weight, self.out_features, self.pad_rows)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, layout={self.layout}"
@@ -244,13 +264,12 @@ def quantize_int8(model: T5) -> T5:
         return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
-def for_inference(model: T5, quantize: str | None = None, decode_mode: str = "auto") -> T5:
+def for_inference(model: T5, quantize: str | None = None) -> T5:
     """The CPU inference layout the jobs use: int8 when asked (`--quantize int8`), else packed
-    weights on CPU, except for decode_mode "compile" (inductor packs them itself); a model on
-    another device is returned as it is."""
+    weights on CPU (every decode mode: a compiled step calls them through `onednn_linear`); a model
+    on another device is returned as it is."""
     if quantize == "int8":
         return quantize_int8(model)
     if quantize is not None:
         raise ValueError(f"--quantize {quantize!r}: expected int8")
-    cpu = model.shared.weight.device.type == "cpu"
-    return pack_linears(model) if cpu and decode_mode != "compile" else model
+    return pack_linears(model) if model.shared.weight.device.type == "cpu" else model

@@ -25,6 +25,7 @@ CUDA. After gpt-fast's CUDA-graph decoding and transformers' static cache.
 from __future__ import annotations
 
 import itertools
+import types
 import weakref
 
 import torch
@@ -198,14 +199,17 @@ def _compile(model: T5, device: torch.device):
     here does not reach dynamo, which decides at trace time from the global inductor config
     (torch._dynamo.utils.is_parameter_freezing): the weights stay graph inputs (the output code
     reads them through extern mm; checked for issue 17), so new values are read at each call. Slots
-    are keyed by the weights' state either way (`weights_of`). Weights packed already by
-    cpu.pack_linears cannot be compiled (inductor only lowers oneDNN linears over its own
-    constants), so they are refused here with the fix."""
-    if any(getattr(m, "onednn_packed", False) for m in model.modules()):
-        raise ValueError("decode mode 'compile' takes the model's own weights, not cpu.pack_linears' "
-                         "(on CPU, compiling packs them itself); load the model again without packing")
+    are keyed by the weights' state either way (`weights_of`). Weights packed by cpu.pack_linears
+    (what `t5kit generate` runs) are called through the opaque operator cpu.onednn_linear, the
+    rest of the step compiled around them (issue 19)."""
     options = {"freezing": True} if device.type == "cpu" else None
-    return torch.compile(step_logits, fullgraph=True, dynamic=False, options=options)
+    # A copy of step_logits with a code object of its own: dynamo keeps compiled versions, and counts
+    # recompilations against `recompile_limit` (8), per code object, so one shared by every slot
+    # failed the ninth slot shape or model of a process (fullgraph: an error, not a fallback); this
+    # way each slot compiles once, and its compiled code goes with it.
+    fn = step_logits
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(own, fullgraph=True, dynamic=False, options=options)
 
 
 _SLOTS: weakref.WeakKeyDictionary[T5, list[Slot]] = weakref.WeakKeyDictionary()  # least recently used first
