@@ -110,16 +110,16 @@ def test_packing_after_compiled_decoding_builds_a_new_slot():
     assert new is not old
 
 
-def test_compiled_slots_do_not_share_a_recompile_limit(monkeypatch):
+def test_compiled_slots_do_not_share_a_recompile_limit():
     """Each slot compiles a copy of the step with a code object of its own: dynamo counts
     recompilations per code object, and one shared by every slot failed the ninth slot shape or model
     of a process (`recompile_limit`, 8; set to 1 here, so the second shape would fail)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     model = _tiny()
     for lengths in ((12,), (12, 5), (30, 12, 7)):  # batch buckets 1, 2 and 4: three slot shapes
         ids, mask = padded_batch(128, lengths=lengths)
-        assert torch.equal(model.generate(ids, mask, max_new_tokens=3, decode_mode="compile"),
-                           model.generate(ids, mask, max_new_tokens=3, decode_mode="eager"))
+        with torch._dynamo.config.patch(recompile_limit=1):
+            got = model.generate(ids, mask, max_new_tokens=3, decode_mode="compile")
+        assert torch.equal(got, model.generate(ids, mask, max_new_tokens=3, decode_mode="eager"))
 
 
 @pytest.mark.parametrize("layout, rows", [("onednn_pad4", 1), ("onednn", 2)])
