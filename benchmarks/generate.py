@@ -10,6 +10,7 @@ contender, not counted in the medians.
     python benchmarks/generate.py                         # CPU: t5-small and t5-base, fp32 + int8 (~6-10 min)
     python benchmarks/generate.py --shapes t5-small --cases greedy_b1 int8_greedy_b1
     python benchmarks/generate.py --profile --shapes t5-small --cases greedy_b1     # where a step's time goes
+    python benchmarks/generate.py --decode-mode compile --cases greedy_b1 greedy_b16 beam4_b1  # the compiled step
     python benchmarks/generate.py --device cuda --dtype bf16 --shapes t5-base         # GPU
 
 Contenders: t5kit as `t5kit generate` loads it (`for_inference`, fp32 or `--quantize int8` as the
@@ -148,9 +149,10 @@ def _runner(kind: str, folder: str, device: str, dtype: str, threads: int):
     torch.set_num_threads(threads)
     if kind.startswith("t5kit"):
         model = load_t5kit(folder, device, DTYPES[dtype], kind.endswith("int8"))
+        mode = "compile" if kind.endswith("compile") else "auto"
 
         def call(ids, mask, beam, n):
-            return model.generate(ids, mask, max_new_tokens=n, min_new_tokens=n, num_beams=beam)
+            return model.generate(ids, mask, max_new_tokens=n, min_new_tokens=n, num_beams=beam, decode_mode=mode)
     else:
         import transformers
         model = transformers.T5ForConditionalGeneration.from_pretrained(folder, dtype=DTYPES[dtype]).to(device).eval()
@@ -207,10 +209,10 @@ class Worker:
         self.proc.join()
 
 
-def contender_kinds(case: str, device: str, ct2: bool) -> dict[str, str]:
+def contender_kinds(case: str, device: str, ct2: bool, decode_mode: str = "auto") -> dict[str, str]:
     """Name in the JSON -> worker kind, for one case."""
     int8 = CASES[case][2]
-    kinds = {"t5kit": "t5kit_int8" if int8 else "t5kit"}
+    kinds = {"t5kit": "t5kit_int8" if int8 else "t5kit_compile" if decode_mode == "compile" else "t5kit"}
     if not int8:
         kinds["transformers"] = "transformers"
         if device == "cuda":
@@ -238,7 +240,7 @@ def bench_case(shape: str, case: str, workers: dict[str, Worker], args, floor: d
     tok_s = {name: batch * n / statistics.median(t) for name, t in times.items()}
     line = {"bench": "generate", "shape": shape, "case": case, "device": args.device,
             "dtype": "int8" if int8 else args.dtype, "threads": args.threads, "repeats": args.repeats,
-            "settle_s": args.settle, **cpu_info()}
+            "settle_s": args.settle, **cpu_info(), "t5kit_decode_mode": "auto" if int8 else args.decode_mode}
     line.update({f"{name}_tok_s": round(v, 1) for name, v in tok_s.items()})
     line.update({f"t5kit_over_{name}": round(tok_s["t5kit"] / v, 2) for name, v in tok_s.items() if name != "t5kit"})
     line["warmup_s"] = {name: round(s, 2) for name, (s, _) in warm.items()}
@@ -368,6 +370,9 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=0.5,
                     help="seconds of idle before each timed call, so no contender runs beside the last one's "
                          "spinning threads")
+    ap.add_argument("--decode-mode", default="auto", choices=["auto", "compile"],
+                    help="t5kit's fp32 decode step (`--decode-mode` of t5kit generate); compile: its first call "
+                         "per shape compiles (warmup_s), int8 cases stay eager")
     ap.add_argument("--profile", action="store_true", help="t5kit only: where a decode step's time goes")
     ap.add_argument("--profile-steps", type=int, default=32)
     args = ap.parse_args()
@@ -388,7 +393,7 @@ def main() -> None:
             workers: dict[str, Worker] = {}
             try:
                 for case in cases:
-                    kinds = contender_kinds(case, args.device, ct2)
+                    kinds = contender_kinds(case, args.device, ct2, args.decode_mode)
                     kinds = {k: v for k, v in kinds.items() if k == "t5kit" or k in args.contenders
                              or k == "transformers_static" and "transformers" in args.contenders}
                     for kind in kinds.values():
