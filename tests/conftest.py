@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import pytest
 import torch
@@ -18,6 +19,10 @@ try:
     import transformers  # the parity oracle: tests that need it are marked `hf` and skip without it
 except ImportError:
     transformers = None
+
+# Decisions the library saves between processes (inference/cpu.py's CPU layouts) go to a folder of
+# this run's, not the user's ~/.cache: every test process, subprocesses included, shares it.
+os.environ["T5KIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="t5kit-test-cache-")
 
 SMALL = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
 

@@ -58,7 +58,7 @@ def test_every_layout_gives_the_same_logits(layout):
     assert torch.equal(packed.generate(ids, mask, max_new_tokens=8), want_ids)
 
 
-def test_layout_choice_is_deterministic_for_a_cached_decision(monkeypatch):
+def test_layout_choice_is_deterministic_for_a_cached_decision(monkeypatch, tmp_path):
     """With a decision cached for every shape, packing times nothing and lays each weight out as
     decided, every time; with none, each shape is timed once and the fastest (by `fastest`) kept."""
     model = _model()
@@ -87,11 +87,50 @@ def test_layout_choice_is_deterministic_for_a_cached_decision(monkeypatch):
                 "plain": {1: 1.2, 16: 1.0}}  # within the margin at one row: the default stays
     monkeypatch.setattr(cpu, "_CHOSEN", {})
     monkeypatch.setattr(cpu, "time_layouts", fake_timing)
-    monkeypatch.setenv("T5KIT_CPU_LAYOUT", "timed")  # AVX-512 CPUs keep the default untimed
+    monkeypatch.setenv("T5KIT_CACHE_DIR", str(tmp_path))  # nothing saved by earlier processes
     packed = cpu.pack_linears(copy.deepcopy(model))
     assert sorted(timed) == shapes  # each shape once, however many weights share it
     assert all(m.layout == ("plain" if m.out_features > 100 else "onednn")
                for m in packed.modules() if isinstance(m, cpu.PackedLinear))
+
+
+def test_decisions_are_saved_for_the_next_process(monkeypatch, tmp_path):
+    """A decision is timed once per CPU model, thread count, dtype and shape and saved
+    ($T5KIT_CACHE_DIR/cpu-layouts.json): the next process (here: an empty in-process table) reads
+    it and times nothing. A file written under another rule, or unreadable, is timed anew;
+    T5KIT_CPU_LAYOUT=timed times anew and saves."""
+    import json
+    monkeypatch.setenv("T5KIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("T5KIT_CPU_LAYOUT", raising=False)
+    timed = []
+
+    def fake_timing(shape, dtype):
+        timed.append(shape)
+        return {"onednn": {1: 1.0, 16: 2.0}, "onednn_b1": {1: 0.95, 16: 3.0}, "onednn_pad4": {1: 0.5, 16: 2.0},
+                "plain": {1: 2.0, 16: 2.0}}
+    monkeypatch.setattr(cpu, "time_layouts", fake_timing)
+    model = _model()
+    shapes = _linear_shapes(cpu.fuse_qkv(copy.deepcopy(model)))
+
+    def pack():
+        monkeypatch.setattr(cpu, "_CHOSEN", {})  # a new process
+        packed = cpu.pack_linears(copy.deepcopy(model))
+        return {m.layout for m in packed.modules() if isinstance(m, cpu.PackedLinear)}
+
+    assert pack() == {"onednn_pad4"} and sorted(timed) == sorted(shapes)
+    saved = json.loads((tmp_path / "cpu-layouts.json").read_text())
+    assert saved["rule"] == cpu._RULE and set(saved["layouts"].values()) == {"onednn_pad4"}
+    assert len(saved["layouts"]) == len(shapes)
+    timed.clear()
+    assert pack() == {"onednn_pad4"} and timed == []  # read back, nothing timed
+    (tmp_path / "cpu-layouts.json").write_text(json.dumps({**saved, "rule": "another rule"}))
+    assert pack() == {"onednn_pad4"} and len(timed) == len(shapes)  # another rule: timed anew
+    (tmp_path / "cpu-layouts.json").write_text("{not json")
+    timed.clear()
+    assert pack() == {"onednn_pad4"} and len(timed) == len(shapes)
+    timed.clear()
+    monkeypatch.setenv("T5KIT_CPU_LAYOUT", "timed")
+    assert pack() == {"onednn_pad4"} and len(timed) == len(shapes)  # saved decisions ignored
 
 
 def test_layout_timing_runs_every_layout():

@@ -21,6 +21,7 @@ All give a tied LM head its own copy of the embedding table, so the model is for
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 import warnings
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..atomic import write_json
 from ..model.t5 import T5
 
 # How a Linear's weight is held (PackedLinear): oneDNN's blocked layout for any batch (PyTorch's
@@ -43,7 +45,7 @@ MARGIN = 0.9  # another layout is chosen only when it takes under 90% of the def
 # 2 or 8 rows: no gain); with AVX2 kernels it did not pay, hence a timed choice (docs/inference.md).
 PAD_ROWS = 4
 TIMED_ROWS = (1, 4, 16)  # rows per call timed: a batch-1 decode step, beam 4, batch 16
-_CHOSEN: dict[tuple, str] = {}  # layout_key -> layout: timed once per process, per CPU model and shape
+_CHOSEN: dict[tuple, str] = {}  # layout_key -> layout: timed once per CPU model and shape, kept on disk (`_disk`)
 
 
 @functools.cache
@@ -142,10 +144,11 @@ def layout_key(shape: tuple[int, int], dtype: torch.dtype) -> tuple:
 
 def choose_layout(shape: tuple[int, int], dtype: torch.dtype) -> str:
     """The layout for an (out, in) weight: $T5KIT_CPU_LAYOUT if it names one; else the decision
-    cached for this CPU model, thread count and dtype; else the fastest by `time_layouts` and
-    `fastest`. A decision is kept for the rest of the process. (Until issue 19's second pass AVX-512
-    CPUs kept DEFAULT_LAYOUT untimed, because the one-row timing alone once chose the batch-1 hint,
-    which costs every multi-row step; `fastest` now refuses a layout that slows multi-row calls.)"""
+    made for this CPU model, thread count and dtype, in this process or saved by an earlier one
+    (`_disk`); else, or with T5KIT_CPU_LAYOUT=timed, the fastest by `time_layouts` and `fastest`,
+    saved. (Until issue 19's second pass AVX-512 CPUs kept DEFAULT_LAYOUT untimed, because the
+    one-row timing alone once chose the batch-1 hint, which costs every multi-row step; `fastest`
+    now refuses a layout that slows multi-row calls.)"""
     env = os.environ.get("T5KIT_CPU_LAYOUT", "")
     if env in LAYOUTS:
         return env
@@ -153,8 +156,40 @@ def choose_layout(shape: tuple[int, int], dtype: torch.dtype) -> str:
         raise ValueError(f"T5KIT_CPU_LAYOUT={env!r}: expected one of {', '.join(LAYOUTS)} or timed")
     key = layout_key(shape, dtype)
     if key not in _CHOSEN:
-        _CHOSEN[key] = fastest(time_layouts(shape, dtype))
+        saved = _disk()
+        name = "|".join(map(str, key))
+        if saved.get(name) not in LAYOUTS or env == "timed":
+            saved[name] = fastest(time_layouts(shape, dtype))
+            try:
+                write_json(_disk_path(), {"rule": _RULE, "layouts": saved})
+            except OSError as e:  # a read-only home: decide again in the next process
+                warnings.warn(f"CPU layout decisions not saved to {_disk_path()}: {e}", stacklevel=2)
+        _CHOSEN[key] = saved[name]
     return _CHOSEN[key]
+
+
+# What a saved decision depends on besides its key: another rule, another decision.
+_RULE = f"{','.join(LAYOUTS)};rows {','.join(map(str, TIMED_ROWS))};margin {MARGIN};pad {PAD_ROWS}"
+
+
+def _disk_path() -> str:
+    """$T5KIT_CACHE_DIR, else $XDG_CACHE_HOME/t5kit, else ~/.cache/t5kit; the file cpu-layouts.json."""
+    root = os.environ.get("T5KIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "t5kit")
+    return os.path.join(root, "cpu-layouts.json")
+
+
+def _disk() -> dict[str, str]:
+    """Decisions saved by earlier processes (timing a t5-base's shapes takes ~3 s of every start
+    otherwise), as {"cpu|threads|dtype|out|in": layout}; nothing when the file is missing, unreadable
+    or was written under another rule."""
+    try:
+        with open(_disk_path()) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(saved, dict) and saved.get("rule") == _RULE and isinstance(saved.get("layouts"), dict)
+    return dict(saved["layouts"]) if ok else {}
 
 
 def fastest(seconds: dict[str, dict[int, float]]) -> str:
