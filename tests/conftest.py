@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import pytest
 import torch
@@ -19,10 +18,6 @@ try:
     import transformers  # the parity oracle: tests that need it are marked `hf` and skip without it
 except ImportError:
     transformers = None
-
-# Decisions the library saves between processes (inference/cpu.py's CPU layouts) go to a folder of
-# this run's, not the user's ~/.cache: every test process, subprocesses included, shares it.
-os.environ["T5KIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="t5kit-test-cache-")
 
 SMALL = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
 
@@ -43,6 +38,20 @@ VARIANTS = {
                   dict(vocab_size=300, d_kv=5, num_heads=3, relative_attention_num_buckets=16,
                        relative_attention_max_distance=20, feed_forward_proj="gated-relu"), "hf5"),
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Decisions the library saves between processes (inference/cpu.py's CPU layouts) go to a folder
+    of this run's, which pytest cleans up, not the user's ~/.cache: every test, and every process a
+    test starts, shares it."""
+    before = os.environ.get("T5KIT_CACHE_DIR")
+    os.environ["T5KIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("t5kit-cache"))
+    yield
+    if before is None:
+        os.environ.pop("T5KIT_CACHE_DIR")
+    else:
+        os.environ["T5KIT_CACHE_DIR"] = before
 
 
 def build_hf_checkpoint(name: str, folder: str, seed: int = 0):
