@@ -49,9 +49,9 @@ def build(shape: str, folder: str, encoder_only: bool = False):
 
 def load(which: str, folder: str, device: str, dtype: torch.dtype):
     """-> a callable (ids, mask) -> (B, S, C) hidden states, the model loaded onto `device`."""
-    if which == "t5kit":
+    if which == "t5kit":  # as `t5kit embed` loads it: on CPU, oneDNN-packed weights
         import t5kit
-        model = t5kit.T5Encoder.from_pretrained(folder, dtype=dtype, device=device)
+        model = t5kit.for_inference(t5kit.T5Encoder.from_pretrained(folder, dtype=dtype, device=device))
         return lambda ids, mask: model(ids, mask)
     import transformers
     model = transformers.T5EncoderModel.from_pretrained(folder, dtype=dtype).to(device).eval()

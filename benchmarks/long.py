@@ -59,9 +59,9 @@ def _reset_peak_rss() -> None:
 
 def load(which: str, folder: str, device: str, dtype: str):
     """-> a callable (ids, mask) -> (B, S, C) hidden states, `which` loaded onto `device`."""
-    if which == "t5kit":
+    if which == "t5kit":  # as `t5kit embed` loads it: on CPU, oneDNN-packed weights
         import t5kit
-        return t5kit.T5Encoder.from_pretrained(folder, dtype=DTYPES[dtype], device=device)
+        return t5kit.for_inference(t5kit.T5Encoder.from_pretrained(folder, dtype=DTYPES[dtype], device=device))
     import transformers
     model = transformers.LongT5EncoderModel.from_pretrained(folder, dtype=DTYPES[dtype]).to(device).eval()
     return lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state

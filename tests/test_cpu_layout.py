@@ -37,6 +37,14 @@ def _linear_shapes(model) -> set[tuple[int, int]]:
     return {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
 
 
+def _decoding_linears(packed) -> list:
+    """The PackedLinears a decode step calls (decoder and LM head), whose layout is chosen per shape;
+    the encoder's always hold the default packing (`pack_linears`), which this checks."""
+    encoder = {id(m) for m in packed.encoder.modules()}
+    assert all(m.layout == cpu.DEFAULT_LAYOUT for m in packed.encoder.modules() if isinstance(m, cpu.PackedLinear))
+    return [m for m in packed.modules() if isinstance(m, cpu.PackedLinear) and id(m) not in encoder]
+
+
 @pytest.mark.parametrize("layout", cpu.LAYOUTS)
 def test_every_layout_gives_the_same_logits(layout):
     model = _model()
@@ -73,8 +81,8 @@ def test_layout_choice_is_deterministic_for_a_cached_decision(monkeypatch, tmp_p
     monkeypatch.setattr(cpu, "time_layouts", no_timing)
     for _ in range(2):
         packed = cpu.pack_linears(copy.deepcopy(model))
-        got = {(m.out_features, m.in_features): m.layout for m in packed.modules() if isinstance(m, cpu.PackedLinear)}
-        assert got == {s: decided[cpu.layout_key(s, torch.float32)] for s in shapes}
+        got = {(m.out_features, m.in_features): m.layout for m in _decoding_linears(packed)}
+        assert got == {s: decided[cpu.layout_key(s, torch.float32)] for s in shapes}  # the decoder has every shape
 
     timed = []
 
@@ -90,8 +98,7 @@ def test_layout_choice_is_deterministic_for_a_cached_decision(monkeypatch, tmp_p
     monkeypatch.setenv("T5KIT_CACHE_DIR", str(tmp_path))  # nothing saved by earlier processes
     packed = cpu.pack_linears(copy.deepcopy(model))
     assert sorted(timed) == shapes  # each shape once, however many weights share it
-    assert all(m.layout == ("plain" if m.out_features > 100 else "onednn")
-               for m in packed.modules() if isinstance(m, cpu.PackedLinear))
+    assert all(m.layout == ("plain" if m.out_features > 100 else "onednn") for m in _decoding_linears(packed))
 
 
 def test_decisions_are_saved_for_the_next_process(monkeypatch, tmp_path):
@@ -114,8 +121,7 @@ def test_decisions_are_saved_for_the_next_process(monkeypatch, tmp_path):
 
     def pack():
         monkeypatch.setattr(cpu, "_CHOSEN", {})  # a new process
-        packed = cpu.pack_linears(copy.deepcopy(model))
-        return {m.layout for m in packed.modules() if isinstance(m, cpu.PackedLinear)}
+        return {m.layout for m in _decoding_linears(cpu.pack_linears(copy.deepcopy(model)))}
 
     assert pack() == {"onednn_pad4"} and sorted(timed) == sorted(shapes)
     saved = json.loads((tmp_path / "cpu-layouts.json").read_text())
@@ -167,3 +173,24 @@ def test_layout_from_the_environment(monkeypatch):
     want = "T5KIT_CPU_LAYOUT='fast': expected one of onednn, onednn_b1, onednn_pad4, plain or timed"
     with pytest.raises(ValueError, match=want):
         cpu.pack_linears(_model())
+
+
+def test_encoder_weights_hold_the_default_packing():
+    """The encoder's Linears run every token of a batch at once: oneDNN's default packing whatever a
+    decode step's timing chose for their shape (`pack_linears`), and a T5Encoder (`t5kit embed`)
+    packs all its Linears so, with the unpacked encoder's output."""
+    model = _model()
+    ids, mask = padded_batch(model.config.vocab_size, lengths=(13, 7, 3))
+    shapes = _linear_shapes(model.encoder)
+    packed = cpu.pack_linears(copy.deepcopy(model), layouts=dict.fromkeys(shapes, "plain"))
+    assert {m.layout for m in _decoding_linears(packed) if (m.out_features, m.in_features) in shapes} == {"plain"}
+    enc = t5kit.T5Encoder(model.config)
+    enc.load_state_dict({k: v for k, v in model.state_dict().items() if k.split(".")[0] in ("shared", "encoder")})
+    enc.eval()
+    with torch.inference_mode():
+        want = enc(ids, mask)
+        fast = cpu.for_inference(enc)
+        assert fast is enc and not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
+        assert {m.layout for m in fast.modules() if isinstance(m, cpu.PackedLinear)} == {cpu.DEFAULT_LAYOUT}
+        torch.testing.assert_close(fast(ids, mask), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(packed.encode(ids, mask), want, atol=1e-5, rtol=0)

@@ -1,7 +1,9 @@
 """Weights laid out for CPU inference, applied from outside the model (it stays trainable code):
 
-- `pack_linears`: every nn.Linear becomes a `PackedLinear` holding its weight in the layout
-  measured fastest on this machine for that weight's shape (`choose_layout`): oneDNN's blocked
+- `pack_linears`: every nn.Linear becomes a `PackedLinear`. The decoder's and the LM head's
+  (a decode step's GEMVs) hold their weight in the layout measured fastest on this machine for
+  that weight's shape (`choose_layout`); the encoder's, called with every token of a batch at
+  once, in oneDNN's default packing (issue 20: 11% off a 4k-token LongT5 forward). oneDNN's blocked
   layout, the layout its GEMM kernels read (what inductor's CPU `freezing` does for compiled
   graphs), packed without or with a batch-1 hint, the same with calls of 1-3 rows padded to 4, or
   the weight as it is, for MKL's GEMV / GEMM behind F.linear. Same fp32 arithmetic, float
@@ -15,7 +17,8 @@
   channel, activations quantized on the fly), over the fused q/k/v too: the three share their input,
   so its one dynamic scale is the one each would get, and per-channel weights quantize row by row.
 
-All give a tied LM head its own copy of the embedding table, so the model is for inference only.
+All take a T5 or a T5Encoder (`t5kit embed`), and give a tied LM head its own copy of the embedding
+table, so the model is for inference only.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..atomic import write_json
-from ..model.t5 import T5
+from ..model.t5 import T5, T5Encoder
 
 # How a Linear's weight is held (PackedLinear): oneDNN's blocked layout for any batch (PyTorch's
 # default hint), the same packed for one row (a decode step at batch 1), the default packing called
@@ -142,6 +145,14 @@ def layout_key(shape: tuple[int, int], dtype: torch.dtype) -> tuple:
     return cpu_info()["cpu"], torch.get_num_threads(), str(dtype), *shape
 
 
+def forced_layout() -> str | None:
+    """The layout $T5KIT_CPU_LAYOUT names for every weight, or None (unset, empty or `timed`)."""
+    env = os.environ.get("T5KIT_CPU_LAYOUT", "")
+    if env not in (*LAYOUTS, "", "timed"):
+        raise ValueError(f"T5KIT_CPU_LAYOUT={env!r}: expected one of {', '.join(LAYOUTS)} or timed")
+    return env if env in LAYOUTS else None
+
+
 def choose_layout(shape: tuple[int, int], dtype: torch.dtype) -> str:
     """The layout for an (out, in) weight: $T5KIT_CPU_LAYOUT if it names one; else the decision
     made for this CPU model, thread count and dtype, in this process or saved by an earlier one
@@ -149,16 +160,14 @@ def choose_layout(shape: tuple[int, int], dtype: torch.dtype) -> str:
     saved. (Until issue 19's second pass AVX-512 CPUs kept DEFAULT_LAYOUT untimed, because the
     one-row timing alone once chose the batch-1 hint, which costs every multi-row step; `fastest`
     now refuses a layout that slows multi-row calls.)"""
-    env = os.environ.get("T5KIT_CPU_LAYOUT", "")
-    if env in LAYOUTS:
-        return env
-    if env not in ("", "timed"):
-        raise ValueError(f"T5KIT_CPU_LAYOUT={env!r}: expected one of {', '.join(LAYOUTS)} or timed")
+    forced = forced_layout()
+    if forced:
+        return forced
     key = layout_key(shape, dtype)
     if key not in _CHOSEN:
         saved = _disk()
         name = "|".join(map(str, key))
-        if saved.get(name) not in LAYOUTS or env == "timed":
+        if saved.get(name) not in LAYOUTS or os.environ.get("T5KIT_CPU_LAYOUT") == "timed":
             saved[name] = fastest(time_layouts(shape, dtype))
             try:
                 write_json(_disk_path(), {"rule": _RULE, "layouts": saved})
@@ -253,6 +262,18 @@ def fuse_qkv(model: T5) -> T5:
     return model
 
 
+@torch.no_grad()
+def _own_storage(model: T5 | T5Encoder) -> T5 | T5Encoder:
+    """The parameters and buffers left after the Linears were converted, copied out of whatever
+    storage they share, so that a checkpoint's memory map (hf.from_pretrained maps safetensors) is
+    released: the embedding alone holds it open, and with it every weight page that converting read,
+    a second copy of the model in the resident set (clean file pages, reclaimable, but counted by RSS
+    and cgroup limits; 230 MB of a LongT5-base encoder). Parameters shared by modules stay shared."""
+    for t in [*model.parameters(), *model.buffers()]:
+        t.data = t.data.clone()
+    return model
+
+
 def _own_lm_head(model: T5) -> None:
     """Tied models read the LM head from `shared`; give them a Linear to convert (a copy)."""
     if model.lm_head is None:
@@ -261,48 +282,62 @@ def _own_lm_head(model: T5) -> None:
 
 
 @torch.no_grad()
-def pack_linears(model: T5, layouts: str | dict[tuple[int, int], str] | None = None) -> T5:
-    """Fuse q/k/v, then lay every Linear out for CPU (eval only), in place; returns the model.
-    layouts: None chooses per weight shape (`choose_layout`); a name in LAYOUTS holds for every
-    weight; a dict maps (out, in) shapes to names (shapes missing from it are chosen). Without oneDNN
-    for the weights' dtype the model is returned as it is."""
+def pack_linears(model: T5 | T5Encoder, layouts: str | dict[tuple[int, int], str] | None = None) -> T5 | T5Encoder:
+    """Fuse the decoder's q/k/v, then lay every Linear out for CPU (eval only), in place; returns
+    the model. layouts: a name in LAYOUTS holds for every weight, as $T5KIT_CPU_LAYOUT's does; else
+    the decoder's and the LM head's weights get a dict's name for their (out, in) shape, or the
+    chosen one (`choose_layout`, timed for decode steps of 1-16 rows), and the encoder's
+    DEFAULT_LAYOUT: its calls carry every
+    token of a batch (rows >= 4 but for the shortest inputs), where oneDNN's default packing beat
+    MKL's GEMM behind F.linear by 8-35% on a 2-core Zen 4 at 4,096 rows (768-wide t5-base shapes),
+    whichever layout won the decode timing. Without oneDNN for the weights' dtype the model is
+    returned as it is."""
     w = model.shared.weight
     if w.device.type != "cpu":
         raise ValueError(f"packing is for CPU inference; the model is on {w.device}")
     if not can_pack(w.dtype):
         return model
     model.eval()
-    _own_lm_head(model)
-    fuse_qkv(model)
+    if isinstance(model, T5):
+        _own_lm_head(model)
+        fuse_qkv(model)
+    encoder = {id(m) for m in model.encoder.modules()}
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 if child.bias is not None:
                     raise ValueError("PackedLinear: T5 projections have no bias")
                 shape = tuple(child.weight.shape)
-                layout = layouts if isinstance(layouts, str) else (layouts or {}).get(shape)
-                setattr(module, name, PackedLinear(child.weight, layout or choose_layout(shape, w.dtype)))
-    return model
+                if isinstance(layouts, str):
+                    layout = layouts
+                elif id(module) in encoder:
+                    layout = forced_layout() or DEFAULT_LAYOUT
+                else:
+                    layout = (layouts or {}).get(shape) or choose_layout(shape, w.dtype)
+                setattr(module, name, PackedLinear(child.weight, layout))
+    return _own_storage(model)
 
 
-def quantize_int8(model: T5) -> T5:
+def quantize_int8(model: T5 | T5Encoder) -> T5 | T5Encoder:
     """Quantize in place (CPU, eval only) and return the model. Embeddings and norms stay fp32."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("--quantize int8 runs on CPU only (PyTorch's int8 dynamic kernels)")
     model.float().eval()
-    _own_lm_head(model)
-    fuse_qkv(model)
+    if isinstance(model, T5):
+        _own_lm_head(model)
+        fuse_qkv(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices; the kernels are current
-        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        return _own_storage(quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
+                                             inplace=True))
 
 
-def for_inference(model: T5, quantize: str | None = None) -> T5:
-    """The CPU inference layout the jobs use: int8 when asked (`--quantize int8`), else packed
-    weights on CPU (every decode mode: a compiled step calls them through `onednn_linear`); a model
-    on another device is returned as it is."""
+def for_inference(model: T5 | T5Encoder, quantize: str | None = None) -> T5 | T5Encoder:
+    """The CPU inference layout the jobs use (generate, evaluate, serve, embed): int8 when asked
+    (`--quantize int8`), else packed weights on CPU (every decode mode: a compiled step calls them
+    through `onednn_linear`); a model on another device is returned as it is."""
     if quantize == "int8":
         return quantize_int8(model)
     if quantize is not None:

@@ -62,6 +62,7 @@ def embed(cfg: EmbedConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     from ..atomic import atomic_path
+    from ..inference.cpu import for_inference
     from ..model.hf import from_pretrained, resolve_dtype
     from ..model.t5 import T5Encoder, mean_pool
 
@@ -74,7 +75,8 @@ def embed(cfg: EmbedConfig, progress: bool = True) -> dict:
     texts = read_lines(cfg.input)  # before the model loads: a bad line fails in a second
     model_dir = resolve_model_dir(cfg.model)
     tok = tokenizer_for(model_dir, cfg.tokenizer)
-    model = from_pretrained(T5Encoder, model_dir, dtype=resolve_dtype(cfg.dtype), device=cfg.device)
+    # on CPU, oneDNN-packed weights (for_inference): the same arithmetic, float rounding aside
+    model = for_inference(from_pretrained(T5Encoder, model_dir, dtype=resolve_dtype(cfg.dtype), device=cfg.device))
     tok.check_model_vocab(model.config.vocab_size, f"{model_dir}/config.json")
     rows = [tok.encode(t) for t in texts]
     truncated = sum(len(r) > cfg.max_length for r in rows)
