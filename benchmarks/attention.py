@@ -54,7 +54,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from t5kit.model.attention import FlexBias, Keep, attend, relative_position_bucket
-    from t5kit.model.t5 import mask_bias
+    from t5kit.model.attention import mask_bias
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     passes = ["fwd"] + (["fwd+bwd"] if (args.device == "cuda" if args.backward is None else args.backward) else [])
     gen = torch.Generator().manual_seed(0)

@@ -3,7 +3,7 @@
 `start(...)` runs the encoder once and returns a `Decoding`: call it with the last token of every
 row to get fp32 next-token logits, `select` rows to drop finished ones or reorder beams.
 
-- `Decoding` is the eager step over `model.DecodeCache` (its shapes never change with the
+- `Decoding` is the eager step over `model/cache.DecodeCache` (its shapes never change with the
   position, only with the number of rows).
 - `StaticDecoding` runs the same step over fixed buffers held in a `Slot`: the batch padded to a
   bucket (`BATCH_BUCKETS`), the source and the cache to multiples of `LENGTH_STEP`, so a few slots
@@ -31,7 +31,8 @@ import weakref
 import torch
 from torch import Tensor
 
-from ..model.t5 import T5, DecodeCache
+from ..model.cache import DecodeCache
+from ..model.t5 import T5
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LENGTH_STEP = 64  # source and cache lengths round up to a multiple: fewer slots, little waste

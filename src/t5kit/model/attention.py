@@ -33,6 +33,12 @@ MODES = ("auto", "sdpa", "flex")
 _forced: str | None = None  # set by `backend(...)`; wins over the environment variable
 
 
+def mask_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean keep mask (B, T|1, K) -> additive bias (B, 1, T|1, K): 0 or finfo.min, as HF does
+    ((1 - mask) * finfo.min; a large finite value, so fully masked rows give no NaN)."""
+    return torch.zeros((), dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)[:, None]
+
+
 def relative_position_bucket(rel: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
     """Bucket index for `rel = key_pos - query_pos` (HF T5Attention._relative_position_bucket, t5x
     layers.py). Exact below num_buckets/2 (or /4 bidirectional), log-spaced above, float32 log.

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import FlexBias, Keep, attend, relative_position_bucket, use_flex
+from .attention import FlexBias, Keep, attend, mask_bias, relative_position_bucket, use_flex
+from .cache import DecodeCache
 from .config import T5Config
 
 if TYPE_CHECKING:  # FlexAttention is imported lazily, by attention.py
@@ -55,12 +56,6 @@ class RelativeBias(nn.Module):
         rel = k_pos[:, None, :] - q_pos[:, :, None]  # (B|1, T, K)
         buckets = relative_position_bucket(rel, self.bidirectional, self.weight.shape[0], self.max_distance)
         return F.embedding(buckets, self.weight).permute(0, 3, 1, 2)  # (B|1, T, K, H) -> (B|1, H, T, K)
-
-
-def mask_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
-    """Boolean keep mask (B, T|1, K) -> additive bias (B, 1, T|1, K): 0 or finfo.min, as HF does
-    ((1 - mask) * finfo.min; a large finite value, so fully masked rows give no NaN)."""
-    return torch.zeros((), dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)[:, None]
 
 
 def segment_positions(segment_ids: Tensor) -> Tensor:
@@ -183,7 +178,7 @@ class DecoderBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x: Tensor, self_bias: Tensor, cross_bias: Tensor, memory: Tensor | None = None,
-                cache: "DecodeCache | None" = None, layer: int = 0) -> Tensor:
+                cache: DecodeCache | None = None, layer: int = 0) -> Tensor:
         """memory (B, S, C): the encoder output, projected to this block's cross K/V here (inside
         the block's forward, where its weights are in hand when sharded, parallel.py). With a
         cache, the cross K/V are the cache's; x's keys are written at the cache position and all
@@ -261,119 +256,6 @@ class Encoder(Stack):
         for blk, bias in zip(self.blocks, biases):
             x = blk(x, bias)
         return self.drop(self.norm(x))
-
-
-class DecodeCache:
-    """Static decoder state for incremental decoding, one token per step. Every step has the same
-    shapes whatever the position (so it can be compiled and captured in a CUDA graph, engine.py):
-    self-attention K/V are preallocated to `max_len` and attended in full, the keys not written yet
-    masked by the causal bias; each row keeps its own position in a device tensor (rows may be at
-    different positions: continuous batching). Cross-attention K/V are computed once per request;
-    the causal relative bias once for (max_len, max_len), a row of it gathered per step.
-
-    self_kv: per layer 2 x (B, H, L, D); cross_kv: per layer 2 x (B, H, S, D);
-    cross_bias (B, 1, 1, S); self_bias: one (H, L, L) per table, mask added, and bias_of_layer
-    the table of each layer; pos (B,) tokens written so far per row."""
-
-    def __init__(self, decoder: "Decoder", memory: Tensor, memory_mask: Tensor | None, max_len: int):
-        b, s, _ = memory.shape
-        self.cross_kv = [blk.cross.project_kv(memory) for blk in decoder.blocks]
-        # heads as projected, not config.num_heads: the local share when split by head (tensor parallelism)
-        h, d = self.cross_kv[0][0].shape[1], self.cross_kv[0][0].shape[3]
-        keep = (memory_mask if memory_mask is not None else memory.new_ones(b, s))[:, None, :].bool()
-        self.cross_bias = mask_bias(keep, memory.dtype)
-        self.self_kv = [(memory.new_zeros(b, h, max_len, d), memory.new_zeros(b, h, max_len, d))
-                        for _ in decoder.blocks]
-        pos = torch.arange(max_len, device=memory.device)[None]
-        causal = mask_bias(torch.ones(max_len, max_len, dtype=torch.bool, device=memory.device).tril()[None], memory.dtype)
-        biases = decoder.position_biases(pos, pos, causal)  # (1, H, L, L); one tensor per table
-        index: dict[int, int] = {}
-        self.bias_of_layer = [index.setdefault(id(b), len(index)) for b in biases]
-        self.self_bias = [b[0] for b in {id(b): b for b in biases}.values()]
-        self.pos = torch.zeros(b, dtype=torch.long, device=memory.device)
-        self.spare_kv: list[tuple[Tensor, Tensor]] | None = None  # select() gathers into these
-        self.max_len = max_len
-
-    def step_biases(self) -> list[Tensor]:
-        """Per layer, each row's bias at its position: (B, H, 1, L), gathered once per table."""
-        rows = [bias[:, self.pos].transpose(0, 1)[:, :, None] for bias in self.self_bias]  # (H, B, L) -> (B, H, 1, L)
-        return [rows[i] for i in self.bias_of_layer]
-
-    def write(self, layer: int, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """Store one new key/value per row (B, H, 1, D) at the row's position; return the whole
-        (B, H, L, D) cache (unwritten slots are masked by the step bias)."""
-        if kv[0].shape[2] != 1:
-            raise ValueError(f"the decode cache takes one token per step, got {kv[0].shape[2]}")
-        k, v = self.self_kv[layer]
-        rows = torch.arange(k.shape[0], device=k.device)
-        k[rows, :, self.pos] = kv[0][:, :, 0]  # (B, H, D) at (row, :, pos[row])
-        v[rows, :, self.pos] = kv[1][:, :, 0]
-        return k, v
-
-    def advance(self) -> None:
-        """After a step: every row moved one position (in place, so a captured graph sees it)."""
-        self.pos.add_(1)
-
-    def select(self, rows: Tensor, cross_too: bool = True) -> None:
-        """Keep / reorder batch rows: beam reordering (self only) or dropping finished rows. The
-        self-attention K/V are gathered into the previous step's buffers when the row count is
-        unchanged (beams): a fresh tensor each step cost 7x the copy on CPU (new pages each time)."""
-        spare = self.spare_kv
-        if spare is None or spare[0][0].shape != (rows.shape[0], *self.self_kv[0][0].shape[1:]):
-            spare = [(None, None)] * len(self.self_kv)
-        self.spare_kv = self.self_kv
-        self.self_kv = [(torch.index_select(k, 0, rows, out=sk), torch.index_select(v, 0, rows, out=sv))
-                        for (k, v), (sk, sv) in zip(self.self_kv, spare)]
-        self.pos = self.pos.index_select(0, rows)
-        if cross_too:
-            self.cross_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross_kv]
-            self.cross_bias = self.cross_bias.index_select(0, rows)
-
-    @staticmethod
-    def cat(caches: list["DecodeCache"]) -> "DecodeCache":
-        """The rows of several caches as one batch, in order (continuous batching: requests at
-        different steps share a decode step). Cross K/V are padded to the longest source with keys
-        masked (exactly zero weight), self K/V to the longest max_len with zeros, which each row's
-        causal bias hides; the longest relative bias serves all, since a shorter table is its
-        top-left block (the bias depends on the distance only)."""
-        s = max(c.cross_bias.shape[-1] for c in caches)
-        longest = max(caches, key=lambda c: c.max_len)
-        fill = torch.finfo(caches[0].cross_bias.dtype).min
-        return longest._like(
-            [tuple(torch.cat([_pad_dim(c.self_kv[i][j], 2, longest.max_len) for c in caches]) for j in (0, 1))
-             for i in range(len(caches[0].self_kv))],
-            [tuple(torch.cat([_pad_dim(c.cross_kv[i][j], 2, s) for c in caches]) for j in (0, 1))
-             for i in range(len(caches[0].cross_kv))],
-            torch.cat([_pad_dim(c.cross_bias, 3, s, fill) for c in caches]),  # (B, 1, 1, S)
-            torch.cat([c.pos for c in caches]))
-
-    def head(self, n: int) -> "DecodeCache":
-        """The first n rows, as views (engine.py: a slot's state moving to a smaller slot)."""
-        return self._like([(k[:n], v[:n]) for k, v in self.self_kv], [(k[:n], v[:n]) for k, v in self.cross_kv],
-                          self.cross_bias[:n], self.pos[:n])
-
-    def _like(self, self_kv, cross_kv, cross_bias: Tensor, pos: Tensor) -> "DecodeCache":
-        """A cache over the given rows' tensors that shares this one's relative bias and length."""
-        out = object.__new__(DecodeCache)
-        out.self_kv, out.cross_kv, out.cross_bias, out.pos = self_kv, cross_kv, cross_bias, pos
-        out.self_bias, out.bias_of_layer, out.max_len = self.self_bias, self.bias_of_layer, self.max_len
-        out.spare_kv = None
-        return out
-
-    def truncate(self, max_len: int) -> None:
-        """Shrink the self-attention cache to max_len positions (no row may write past them): the
-        step attends the whole cache, so a long request that left should not slow the others."""
-        if max_len < self.max_len:
-            self.self_kv = [(k[:, :, :max_len], v[:, :, :max_len]) for k, v in self.self_kv]
-            self.self_bias = [b[:, :max_len, :max_len] for b in self.self_bias]
-            self.max_len, self.spare_kv = max_len, None
-
-
-def _pad_dim(x: Tensor, dim: int, size: int, value: float = 0.0) -> Tensor:
-    """x padded at the end of `dim` to `size` with `value`."""
-    if x.shape[dim] == size:
-        return x
-    return F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (0, size - x.shape[dim]), value=value)
 
 
 class Decoder(Stack):
