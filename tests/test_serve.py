@@ -27,9 +27,11 @@ from t5kit.data.tokenizer import Tokenizer
 from t5kit.inference.cpu import for_inference
 from t5kit.inference.generate import generate, generate_texts
 from t5kit.inference.generation import GenerationConfig
-from t5kit.model.t5 import DecodeCache, mean_pool
+from t5kit.model.cache import DecodeCache
+from t5kit.model.t5 import mean_pool
 from t5kit.serving import scheduler as scheduler_module
-from t5kit.serving.scheduler import Job, Scheduler
+from t5kit.serving.requests import Job
+from t5kit.serving.scheduler import Scheduler
 
 httpx = pytest.importorskip("httpx")
 KEY = {"Authorization": "Bearer sesame"}

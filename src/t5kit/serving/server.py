@@ -27,7 +27,8 @@ from ..inference.generation import GenerationConfig
 from ..model.hf import resolve_dtype
 from ..model.t5 import T5
 from ..options import option
-from .scheduler import Job, Rejected, Scheduler
+from .requests import Job, Rejected
+from .scheduler import Scheduler
 
 RETRY_AFTER_S = 1  # what a 503 asks the client to wait
 
