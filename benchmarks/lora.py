@@ -85,7 +85,7 @@ def build(case: str, args, weights: dict):
     import t5kit
     from t5kit.model.lora import LoraConfig, add_lora, parse_targets
     from t5kit.training import parallel
-    from t5kit.training.loop import loss_terms
+    from t5kit.training.loss import loss_terms
     from t5kit.training.optim import OptimConfig, build_optimizer, fp32_masters
 
     cfg = t5kit.get_preset(args.shape).replace(dropout_rate=0.0)

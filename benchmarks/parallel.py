@@ -50,7 +50,8 @@ def worker(args) -> None:
     from t5kit.model.config import get_preset
     from t5kit.model.t5 import T5
     from t5kit.training import parallel
-    from t5kit.training.loop import _autocast, loss_terms
+    from t5kit.training.loop import _autocast
+    from t5kit.training.loss import loss_terms
     from t5kit.training.optim import OptimConfig, build_optimizer
 
     torch.set_num_threads(args.threads)

@@ -60,7 +60,7 @@ def main() -> None:
     import transformers
 
     import t5kit
-    from t5kit.training.loop import loss_terms
+    from t5kit.training.loss import loss_terms
 
     for shape in args.shapes:
         cfg = t5kit.get_preset(shape).replace(dropout_rate=0.0)
@@ -123,7 +123,7 @@ def cuda_rows(args) -> None:
 
     import t5kit
     from t5kit.training import parallel
-    from t5kit.training.loop import loss_terms
+    from t5kit.training.loss import loss_terms
     from t5kit.training.optim import OptimConfig, build_optimizer, fp32_masters
 
     batch, steps = args.batch or 64, args.steps or 20

@@ -242,7 +242,7 @@ def test_tensor_parallel_logits_equal_one_process(tmp_path):
 TP_LOGITS = r'''
 import json, sys, torch
 from t5kit.training import parallel
-from t5kit.training.loop import loss_terms
+from t5kit.training.loss import loss_terms
 from t5kit.model.config import get_preset
 from t5kit.model.t5 import T5
 out, tied = sys.argv[1], sys.argv[2] == "1"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import t5kit
-from t5kit.training.loop import TrainConfig, _terms_chunked, _terms_vocab_parallel, loss_terms, train
+from t5kit.training.loop import TrainConfig, train
+from t5kit.training.loss import _terms_chunked, _terms_vocab_parallel, loss_terms
 from t5kit.training.optim import OptimConfig, build_optimizer, fp32_masters
 
 VOCAB = 256

@@ -1,10 +1,11 @@
 """T5 tokenizers: SentencePiece (spiece.model), `tokenizers` (tokenizer.json), ByT5 bytes, and
-Megatron-LM's BERT WordPiece (vocab.txt) with T5's roles.
+Megatron-LM's BERT WordPiece (vocab.txt) with T5's roles. The backend that reads each vocabulary
+file is in vocabularies.py; `Tokenizer` puts T5's special tokens and sentinels over it.
 
 T5 ids everywhere: pad 0, eos 1, unk 2, no BOS, `</s>` appended; `<extra_id_i>` is
 `vocab_size - 1 - i` (seqio `sentinel_id`; transformers `_convert_token_to_id`). ByT5: byte b is
 b + 3, and span-corruption sentinels count down from 258 (T5_REFERENCE 3.3). WordPiece: pad [PAD]
-(0), EOS [EOS], unk [UNK], sentinels counting down from the top (`_WordPiece`).
+(0), EOS [EOS], unk [UNK], sentinels counting down from the top (`WordPieceVocab`).
 
 Special tokens' text: `encode(text)` reads `</s>`, `<extra_id_0>`, ... as their ids, as transformers
 does; `encode(text, parse_special=False)` keeps every character text, as seqio does (issue 18).
@@ -23,182 +24,12 @@ from collections.abc import Iterable, Sequence
 
 from ..atomic import atomic_path, write_json, write_text
 from ..model.hub import resolve_dir
+from .vocabularies import BYTE_OFFSET, EOS, PAD, UNK, ByteVocab, SentencePieceVocab, TokenizersVocab, WordPieceVocab
 
-PAD, EOS, UNK = 0, 1, 2
 SPECIAL_TEXT = {"<pad>": PAD, "</s>": EOS, "<unk>": UNK}
 SPIECE, TOKENIZER_JSON, VOCAB_TXT = "spiece.model", "tokenizer.json", "vocab.txt"
-BYTE_OFFSET = 3  # ByT5: byte b -> id b + 3
 WORDPIECE_TYPES = {"BertWordPieceCase": False, "BertWordPieceLowerCase": True}  # Megatron type -> lower_case
 MEGATRON_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", *WORDPIECE_TYPES)
-
-
-class _SentencePiece:
-    def __init__(self, path: str, extra_ids: int):
-        import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2 as pb
-
-        try:
-            with open(path, "rb") as f:
-                self.model_bytes = f.read()
-            self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
-            self.proto = pb.ModelProto.FromString(self.model_bytes)
-        except Exception as e:
-            raise ValueError(f"{path}: not a valid SentencePiece model ({e})") from None
-        for piece, want in (("<pad>", PAD), ("</s>", EOS), ("<unk>", UNK)):
-            if self.sp.piece_to_id(piece) != want:
-                raise ValueError(f"{path}: {piece} has id {self.sp.piece_to_id(piece)}, expected {want} (T5 ids)")
-        no_prefix = pb.ModelProto.FromString(self.model_bytes)
-        no_prefix.normalizer_spec.add_dummy_prefix = False  # for text right after a special token
-        self.sp_no_prefix = spm.SentencePieceProcessor(model_proto=no_prefix.SerializeToString())
-        self.base = self.sp.get_piece_size()
-        self.size = self.base + extra_ids
-
-    def encode(self, chunk: str, after_special: bool) -> list[int]:
-        if after_special and not chunk[:1].isspace():
-            return self.sp_no_prefix.encode(chunk)
-        return self.sp.encode(chunk)
-
-    def encode_text(self, text: str) -> list[int]:
-        return self.sp.encode(text)  # SentencePiece never matches its control pieces (<pad>, </s>) in text
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
-
-
-class _Tokenizers:
-    def __init__(self, path: str):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        try:
-            self.tk = HFTokenizer.from_file(path)
-        except Exception as e:
-            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
-        self.text_tk = _text_only(self.tk)
-        self.size = self.tk.get_vocab_size(with_added_tokens=True)
-        for piece, want in (("<pad>", PAD), ("</s>", EOS), ("<unk>", UNK)):
-            if self.tk.token_to_id(piece) != want:
-                raise ValueError(f"{path}: {piece} has id {self.tk.token_to_id(piece)}, expected {want} (T5 ids)")
-
-    def encode(self, chunk: str, after_special: bool) -> list[int]:
-        return self.tk.encode(chunk, add_special_tokens=False).ids
-
-    def encode_text(self, text: str) -> list[int]:
-        return self.text_tk.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tk.decode(ids, skip_special_tokens=False)
-
-
-def _text_only(tk):
-    """A copy of the `tokenizers` pipeline `tk` that encodes the special tokens' text as text: not
-    split out of the text first (`encode_special_tokens`), and not matched by the model either, whose
-    vocabulary lists them as ordinary pieces in T5's tokenizer.json (`</s>` would still come out as
-    id 1). There they are renamed with a leading space, which no pre-tokenized word contains."""
-    from tokenizers import Tokenizer as HFTokenizer
-
-    spec = json.loads(tk.to_str())
-    specials = {t["content"] for t in spec["added_tokens"] if t["special"]}
-    model = spec["model"]
-    if model["type"] == "Unigram":
-        model["vocab"] = [[" " + p if p in specials else p, score] for p, score in model["vocab"]]
-    elif isinstance(model.get("vocab"), dict):  # WordPiece, BPE, WordLevel: their unk is found by name
-        renamed = specials - {model.get("unk_token")}
-        model["vocab"] = {(" " + p if p in renamed else p): i for p, i in model["vocab"].items()}
-    text_tk = HFTokenizer.from_str(json.dumps(spec))
-    text_tk.encode_special_tokens = True
-    return text_tk
-
-
-class _Bytes:
-    size = 256 + BYTE_OFFSET
-
-    def encode(self, chunk: str, after_special: bool) -> list[int]:
-        return self.encode_text(chunk)
-
-    def encode_text(self, text: str) -> list[int]:
-        return [b + BYTE_OFFSET for b in text.encode("utf-8")]
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i - BYTE_OFFSET for i in ids if BYTE_OFFSET <= i < 256 + BYTE_OFFSET).decode("utf-8", errors="ignore")
-
-
-class _WordPiece:
-    """Megatron-LM's BertWordPieceCase / BertWordPieceLowerCase (`_BertWordPieceTokenizer`,
-    megatron/training/tokenizer/tokenizer.py until NVIDIA/Megatron-LM#2946, over its copy of Google's
-    bert_tokenization.py), built on `tokenizers`:
-    - vocab.txt: one token a line, stripped, id = line number;
-    - text: control characters dropped, CJK characters split, lowercased and accents stripped for
-      the LowerCase type, split on whitespace and punctuation; then greedy longest-match WordPiece with
-      `##` continuations, a word over 200 characters becoming [UNK] (Megatron's limit; transformers' is 100);
-    - Megatron appends [BOS] and [EOS] (unless the vocabulary has them), then `vocab_extra_ids` sentinels.
-    T5's roles: pad [PAD] (0 in BERT vocabularies, also T5's decoder start), EOS [EOS], unk [UNK].
-
-    One departure, by design: Megatron names its first appended sentinel <extra_id_0> and gives it to
-    the first noise span (`T5MaskedWordPieceDataset`). Here the same ids are named in T5's order, the
-    top id <extra_id_0> counting down (`sentinel_id`), as in every T5 vocabulary. Text ids, [BOS] and
-    [EOS] are Megatron's, so its .bin files (text and [EOS] only, no sentinels) read unchanged."""
-
-    def __init__(self, vocab_file: str, lower_case: bool, extra_ids: int, where: str):
-        """`where` names the file in errors: '--vocab-file PATH', or the vocab.txt of an exported folder."""
-        from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers.models import WordPiece
-
-        self.tokens, self.lower_case = _read_vocab_txt(vocab_file, where), lower_case
-        vocab = {t: i for i, t in enumerate(self.tokens)}
-        if vocab.get("[PAD]") != PAD:
-            raise ValueError(f"{where}: [PAD] has id {vocab.get('[PAD]')}, expected 0 (T5 pads and starts the "
-                             "decoder with id 0)")
-        if "[UNK]" not in vocab:
-            raise ValueError(f"{where}: no [UNK] token; WordPiece needs one for words it cannot split")
-        for t in ("[BOS]", "[EOS]"):  # Megatron's `add_token`: appended unless present
-            vocab.setdefault(t, len(vocab))
-        sentinels = [f"<extra_id_{i}>" for i in reversed(range(extra_ids))]
-        for t in sentinels:
-            if t in vocab:
-                raise ValueError(f"{where}: line {vocab[t] + 1} is {t}; the sentinels are appended by "
-                                 "--vocab-extra-ids, not listed in the vocabulary")
-            vocab[t] = len(vocab)
-        self.size = len(vocab)
-        self.pad, self.eos, self.unk = PAD, vocab["[EOS]"], vocab["[UNK]"]
-        self.specials = {t: vocab[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]",
-                                               *sentinels) if t in vocab}
-        self.special_ids = frozenset(self.specials.values())
-        tk = HFTokenizer(WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##",
-                                   max_input_chars_per_word=200))
-        tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                   strip_accents=lower_case, lowercase=lower_case)
-        tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tk.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self.specials])
-        tk.post_processor = processors.TemplateProcessing(  # T5: `A [EOS]`, pairs `A [EOS] B [EOS]`, no BOS
-            single=["$A", "[EOS]"], pair=["$A", "[EOS]", "$B", "[EOS]"], special_tokens=[("[EOS]", self.eos)])
-        self.tk = tk  # as saved in tokenizer.json: transformers parses the special tokens' text
-        self.text_tk = _text_only(tk)  # t5kit parses them itself, or not at all (Tokenizer.encode)
-
-    def encode(self, chunk: str, after_special: bool) -> list[int]:
-        return self.encode_text(chunk)
-
-    def encode_text(self, text: str) -> list[int]:
-        return self.text_tk.encode(text, add_special_tokens=False).ids
-
-
-def _read_vocab_txt(path: str, where: str) -> list[str]:
-    """BERT's vocab.txt as Megatron's `load_vocab` reads it: one token a line, stripped, id = line
-    number. A repeated token is an error: Megatron would then append [BOS] on an id already taken."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            tokens = [line.strip() for line in f]
-    except (FileNotFoundError, IsADirectoryError):
-        raise FileNotFoundError(f"{where}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 text (byte {e.start})") from None
-    seen: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        if t in seen:
-            raise ValueError(f"{where}: line {i + 1} repeats {t!r} from line {seen[t] + 1}")
-        seen[t] = i
-    return tokens
 
 
 class Tokenizer:
@@ -234,12 +65,12 @@ class Tokenizer:
         mcfg = _read_json(os.path.join(folder, "config.json"))
         extra_ids = int(tcfg.get("extra_ids", 100))
         if os.path.isfile(os.path.join(folder, SPIECE)):
-            tok = cls(_SentencePiece(os.path.join(folder, SPIECE), extra_ids), "sentencepiece", extra_ids, legacy, folder)
+            tok = cls(SentencePieceVocab(os.path.join(folder, SPIECE), extra_ids), "sentencepiece", extra_ids, legacy, folder)
         elif tcfg.get("megatron_tokenizer_type") in WORDPIECE_TYPES:
             vocab = os.path.join(folder, VOCAB_TXT)
             tok = cls.wordpiece(vocab, WORDPIECE_TYPES[tcfg["megatron_tokenizer_type"]], extra_ids, vocab, folder)
         elif os.path.isfile(os.path.join(folder, TOKENIZER_JSON)):
-            tok = cls(_Tokenizers(os.path.join(folder, TOKENIZER_JSON)), "tokenizers", extra_ids, legacy, folder)
+            tok = cls(TokenizersVocab(os.path.join(folder, TOKENIZER_JSON)), "tokenizers", extra_ids, legacy, folder)
         elif tcfg.get("tokenizer_class") == "ByT5Tokenizer" or mcfg.get("vocab_size") == 384:
             tok = cls.byt5()
         else:
@@ -255,13 +86,13 @@ class Tokenizer:
 
     @classmethod
     def byt5(cls) -> "Tokenizer":
-        return cls(_Bytes(), "byt5", extra_ids=0, source="byt5")
+        return cls(ByteVocab(), "byt5", extra_ids=0, source="byt5")
 
     @classmethod
     def wordpiece(cls, vocab_file: str, lower_case: bool, extra_ids: int = 100, where: str | None = None,
                   source: str | None = None) -> "Tokenizer":
-        """Megatron's BERT WordPiece over `vocab_file` with T5's roles (`_WordPiece`)."""
-        return cls(_WordPiece(vocab_file, lower_case, extra_ids, where or vocab_file), "wordpiece", extra_ids,
+        """Megatron's BERT WordPiece over `vocab_file` with T5's roles (`WordPieceVocab`)."""
+        return cls(WordPieceVocab(vocab_file, lower_case, extra_ids, where or vocab_file), "wordpiece", extra_ids,
                    source=source or vocab_file)
 
     @classmethod
@@ -269,7 +100,7 @@ class Tokenizer:
                       vocab_file: str | None = None, vocab_extra_ids: int = 100) -> "Tokenizer":
         """Megatron-LM's --tokenizer-type with its --tokenizer-model / --vocab-file / --vocab-extra-ids
         (no type with a --vocab-file: BertWordPieceLowerCase, the default of Megatron's pretrain_t5.py):
-        - BertWordPieceCase, BertWordPieceLowerCase: --vocab-file, BERT's vocab.txt (`_WordPiece`);
+        - BertWordPieceCase, BertWordPieceLowerCase: --vocab-file, BERT's vocab.txt (`WordPieceVocab`);
         - SentencePieceTokenizer: --tokenizer-model, a SentencePiece model with T5's ids (pad 0, eos 1,
           unk 2), the sentinels on top as HF's T5Tokenizer puts them. (Megatron's own wrapper first
           appends <CLS> <SEP> <EOD> <MASK> <BOS>, which T5's span corruption does not use.);
@@ -296,7 +127,7 @@ class Tokenizer:
             return cls.wordpiece(vocab_file, WORDPIECE_TYPES[tokenizer_type], vocab_extra_ids, f"{flag} {vocab_file}")
         if not os.path.isfile(tokenizer_model):
             raise FileNotFoundError(f"{flag} {tokenizer_model}: no such file (expected a SentencePiece .model)")
-        return cls(_SentencePiece(tokenizer_model, vocab_extra_ids), "sentencepiece", vocab_extra_ids,
+        return cls(SentencePieceVocab(tokenizer_model, vocab_extra_ids), "sentencepiece", vocab_extra_ids,
                    source=tokenizer_model)
 
     def check_model_vocab(self, model_vocab: int, source: str = "model config") -> None:
@@ -501,7 +332,7 @@ def _tokenizer_config(tok: Tokenizer) -> dict:
             "additional_special_tokens": [f"<extra_id_{i}>" for i in range(tok.extra_ids)]}
 
 
-def _tokenizer_json(sp: _SentencePiece, extra_ids: int, added: Sequence[str] = ()) -> dict:
+def _tokenizer_json(sp: SentencePieceVocab, extra_ids: int, added: Sequence[str] = ()) -> dict:
     """The `tokenizers` pipeline that transformers builds for T5 from a SentencePiece model
     (transformers 5.x `T5Tokenizer`): Unigram over the pieces, the model's precompiled
     normalizer, whitespace split + Metaspace, `</s>` appended, sentinels as added tokens."""
@@ -554,6 +385,6 @@ def train_tokenizer(texts_or_files: Iterable[str], vocab_size: int, out_dir: str
         os.replace(prefix + ".model", tmp)
         if os.path.exists(prefix + ".vocab"):
             os.remove(prefix + ".vocab")
-    tok = Tokenizer(_SentencePiece(path, extra_ids), "sentencepiece", extra_ids, source=out_dir)
+    tok = Tokenizer(SentencePieceVocab(path, extra_ids), "sentencepiece", extra_ids, source=out_dir)
     tok.save_pretrained(out_dir)
     return tok

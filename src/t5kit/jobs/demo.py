@@ -111,7 +111,8 @@ def step_seconds(preset: str, vocab: int, batch: int, inputs: int, targets: int,
     from ..data.tasks import collate
     from ..model.config import get_preset
     from ..model.t5 import T5
-    from ..training.loop import _autocast, _tensors, loss_terms
+    from ..training.loop import _autocast, _tensors
+    from ..training.loss import loss_terms
     from ..training.optim import OptimConfig, build_optimizer
     from ..training.parallel import clip_grad_norm
 
