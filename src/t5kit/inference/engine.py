@@ -135,7 +135,7 @@ class Slot:
         positions are masked (rows: all keys kept, over zero K/V, so no NaN). The relative bias is
         the request's too, computed from the weights as they are now (FSDP2 gathers new values
         into the same storage without bumping the version counter, so `weights_of` cannot see it);
-        positions past the request's length keep their causal mask."""
+        distances past the request's length are never read (a row's keys are at most its position back)."""
         n, s = cache.pos.shape[0], cache.cross_bias.shape[-1]
         fill = torch.finfo(self.cache.cross_bias.dtype).min
         self.cache.cross_bias.zero_()
@@ -147,8 +147,8 @@ class Slot:
         for (k, v), (sk, sv) in zip(self.cache.self_kv, cache.self_kv):
             k.zero_(), v.zero_()
             k[:n, :, :sk.shape[2]], v[:n, :, :sv.shape[2]] = sk, sv
-        for mine, theirs in zip(self.cache.self_bias, cache.self_bias):  # (H, L, L) each
-            mine[:, :theirs.shape[1], :theirs.shape[2]] = theirs
+        for mine, theirs in zip(self.cache.self_bias, cache.self_bias):  # (H, L) each, by distance back
+            mine[:, :theirs.shape[1]] = theirs
         self.cache.pos.zero_()
         self.cache.pos[:n] = cache.pos
 

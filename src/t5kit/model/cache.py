@@ -26,11 +26,14 @@ class DecodeCache:
     self-attention K/V are preallocated to `max_len` and attended in full, the keys not written yet
     masked by the causal bias; each row keeps its own position in a device tensor (rows may be at
     different positions: continuous batching). Cross-attention K/V are computed once per request;
-    the causal relative bias once for (max_len, max_len), a row of it gathered per step.
+    the relative bias once per distance back from the query (0 .. max_len - 1), each row's line
+    gathered per step with the causal mask: O(L) per table, where an (L, L) table took 0.5 s and
+    288 MB for a t5-small request of 3,000 new tokens, a stall for every row `serve` runs beside
+    it (issue 17).
 
     self_kv: per layer 2 x (B, H, L, D); cross_kv: per layer 2 x (B, H, S, D);
-    cross_bias (B, 1, 1, S); self_bias: one (H, L, L) per table, mask added, and bias_of_layer
-    the table of each layer; pos (B,) tokens written so far per row."""
+    cross_bias (B, 1, 1, S); self_bias: one (H, L) per table, [:, j] the bias of a key j positions
+    before the query, and bias_of_layer the table of each layer; pos (B,) tokens written so far per row."""
 
     def __init__(self, decoder: "Decoder", memory: Tensor, memory_mask: Tensor | None, max_len: int):
         b, s, _ = memory.shape
@@ -41,20 +44,28 @@ class DecodeCache:
         self.cross_bias = mask_bias(keep, memory.dtype)
         self.self_kv = [(memory.new_zeros(b, h, max_len, d), memory.new_zeros(b, h, max_len, d))
                         for _ in decoder.blocks]
-        pos = torch.arange(max_len, device=memory.device)[None]
-        causal = torch.ones(max_len, max_len, dtype=torch.bool, device=memory.device).tril()[None]
-        causal = mask_bias(causal, memory.dtype)  # (1, 1, L, L)
-        biases = decoder.position_biases(pos, pos, causal)  # (1, H, L, L); one tensor per table
+        # a query at position L - 1 over keys 0 .. L - 1 meets every distance back, j = L - 1 - key
+        last = torch.full((1, 1), max_len - 1, device=memory.device)
+        keys = torch.arange(max_len, device=memory.device)[None]
+        no_mask = memory.new_zeros(1, 1, 1, max_len)
+        biases = decoder.position_biases(last, keys, no_mask)  # (1, H, 1, L); one tensor per table
         index: dict[int, int] = {}
         self.bias_of_layer = [index.setdefault(id(b), len(index)) for b in biases]
-        self.self_bias = [b[0] for b in {id(b): b for b in biases}.values()]
+        self.self_bias = [b[0, :, 0].flip(-1) for b in {id(b): b for b in biases}.values()]  # (H, L) by j
         self.pos = torch.zeros(b, dtype=torch.long, device=memory.device)
         self.spare_kv: list[tuple[Tensor, Tensor]] | None = None  # select() gathers into these
         self.max_len = max_len
 
     def step_biases(self) -> list[Tensor]:
-        """Per layer, each row's bias at its position: (B, H, 1, L), gathered once per table."""
-        rows = [bias[:, self.pos].transpose(0, 1)[:, :, None] for bias in self.self_bias]  # (H, B, L) -> (B, H, 1, L)
+        """Per layer, each row's bias at its position: (B, H, 1, L), gathered once per table; keys
+        after the row's position (not written yet) at finfo.min, as mask_bias gives (the sum of
+        the relative bias and finfo.min that an (L, L) table held rounds to finfo.min in fp32 and
+        bf16)."""
+        back = self.pos[:, None] - torch.arange(self.max_len, device=self.pos.device)  # (B, L): j of each key
+        future = back < 0
+        fill = torch.finfo(self.cross_bias.dtype).min
+        rows = [bias[:, back.clamp(min=0)].masked_fill(future, fill).transpose(0, 1)[:, :, None]
+                for bias in self.self_bias]  # (H, B, L) -> (B, H, 1, L)
         return [rows[i] for i in self.bias_of_layer]
 
     def write(self, layer: int, kv: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -92,8 +103,8 @@ class DecodeCache:
         """The rows of several caches as one batch, in order (continuous batching: requests at
         different steps share a decode step). Cross K/V are padded to the longest source with keys
         masked (exactly zero weight), self K/V to the longest max_len with zeros, which each row's
-        causal bias hides; the longest relative bias serves all, since a shorter table is its
-        top-left block (the bias depends on the distance only)."""
+        causal bias hides; the longest relative bias serves all, since a shorter one is its first
+        distances (the bias depends on the distance only)."""
         s = max(c.cross_bias.shape[-1] for c in caches)
         longest = max(caches, key=lambda c: c.max_len)
         fill = torch.finfo(caches[0].cross_bias.dtype).min
@@ -123,7 +134,7 @@ class DecodeCache:
         step attends the whole cache, so a long request that left should not slow the others."""
         if max_len < self.max_len:
             self.self_kv = [(k[:, :, :max_len], v[:, :, :max_len]) for k, v in self.self_kv]
-            self.self_bias = [b[:, :max_len, :max_len] for b in self.self_bias]
+            self.self_bias = [b[:, :max_len] for b in self.self_bias]
             self.max_len, self.spare_kv = max_len, None
 
 
