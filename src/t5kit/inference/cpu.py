@@ -287,10 +287,9 @@ def pack_linears(model: T5 | T5Encoder, layouts: str | dict[tuple[int, int], str
     the model. layouts: a name in LAYOUTS holds for every weight, as $T5KIT_CPU_LAYOUT's does; else
     the decoder's and the LM head's weights get a dict's name for their (out, in) shape, or the
     chosen one (`choose_layout`, timed for decode steps of 1-16 rows), and the encoder's
-    DEFAULT_LAYOUT: its calls carry every
-    token of a batch (rows >= 4 but for the shortest inputs), where oneDNN's default packing beat
-    MKL's GEMM behind F.linear by 8-35% on a 2-core Zen 4 at 4,096 rows (768-wide t5-base shapes),
-    whichever layout won the decode timing. Without oneDNN for the weights' dtype the model is
+    DEFAULT_LAYOUT: its calls carry every token of a batch (rows >= 4 but for the shortest
+    inputs), where oneDNN's default packing beat MKL's GEMM behind F.linear by 8-35% on a 2-core
+    Zen 4 at 4,096 rows (768-wide t5-base shapes), whichever layout won the decode timing. Without oneDNN for the weights' dtype the model is
     returned as it is."""
     w = model.shared.weight
     if w.device.type != "cpu":
