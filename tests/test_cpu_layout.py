@@ -39,10 +39,11 @@ def _linear_shapes(model) -> set[tuple[int, int]]:
 
 def _decoding_linears(packed) -> list:
     """The PackedLinears a decode step calls (decoder and LM head), whose layout is chosen per shape;
-    the encoder's always hold the default packing (`pack_linears`), which this checks."""
-    encoder = {id(m) for m in packed.encoder.modules()}
-    assert all(m.layout == cpu.DEFAULT_LAYOUT for m in packed.encoder.modules() if isinstance(m, cpu.PackedLinear))
-    return [m for m in packed.modules() if isinstance(m, cpu.PackedLinear) and id(m) not in encoder]
+    those that read the source (the encoder's, cross-attention's k and v) always hold the default
+    packing (`pack_linears`), which this checks."""
+    source = [*packed.encoder.modules(), *(m for blk in packed.decoder.blocks for m in (blk.cross.k, blk.cross.v))]
+    assert all(m.layout == cpu.DEFAULT_LAYOUT for m in source if isinstance(m, cpu.PackedLinear))
+    return [m for m in packed.modules() if isinstance(m, cpu.PackedLinear) and all(m is not s for s in source)]
 
 
 @pytest.mark.parametrize("layout", cpu.LAYOUTS)

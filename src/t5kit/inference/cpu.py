@@ -1,16 +1,16 @@
 """Weights laid out for CPU inference, applied from outside the model (it stays trainable code):
 
-- `pack_linears`: every nn.Linear becomes a `PackedLinear`. The decoder's and the LM head's
-  (a decode step's GEMVs) hold their weight in the layout measured fastest on this machine for
-  that weight's shape (`choose_layout`); the encoder's, called with every token of a batch at
-  once, in oneDNN's default packing (issue 20: 11% off a 4k-token LongT5 forward). oneDNN's blocked
-  layout, the layout its GEMM kernels read (what inductor's CPU `freezing` does for compiled
-  graphs), packed without or with a batch-1 hint, the same with calls of 1-3 rows padded to 4, or
-  the weight as it is, for MKL's GEMV / GEMM behind F.linear. Same fp32 arithmetic, float
-  rounding aside. Measured on a 2-core AVX-512 Intel CPU, packing made t5-small greedy decoding
-  1.4-1.7x faster than PyTorch's default path, which repacks the weight on every call (the 32k x
-  512 LM head alone: 6 ms per call unpacked, 2 ms packed); issue 19 asked that the layout be
-  chosen per CPU class rather than assumed.
+- `pack_linears`: every nn.Linear becomes a `PackedLinear`. A decode step's (the decoder's and the
+  LM head's GEMVs) hold their weight in the layout measured fastest on this machine for that
+  weight's shape (`choose_layout`); those that read the source (the encoder's, cross-attention's k
+  and v), called with every token of a batch at once, in oneDNN's default packing (issue 20: 11% off
+  a 4k-token LongT5 forward). The layouts (LAYOUTS): oneDNN's blocked layout, the layout its GEMM
+  kernels read (what inductor's CPU `freezing` does for compiled graphs), packed without or with a
+  batch-1 hint, the same with calls of 1-3 rows padded to 4, or the weight as it is, for MKL's GEMV
+  / GEMM behind F.linear. Same fp32 arithmetic, float rounding aside. Measured on a 2-core AVX-512
+  Intel CPU, packing made t5-small greedy decoding 1.4-1.7x faster than PyTorch's default path,
+  which repacks the weight on every call (the 32k x 512 LM head alone: 6 ms per call unpacked, 2 ms
+  packed); issue 19 asked that the layout be chosen per CPU class rather than assumed.
 - `fuse_qkv`: each decoder block's self-attention q, k and v become one (3*H*D, C) Linear, so a
   decode step runs one GEMV there instead of three (`Attention.project_qkv`).
 - `quantize_int8`: PyTorch's dynamic quantization (fbgemm / x86 kernels, int8 weights per output
@@ -285,12 +285,13 @@ def _own_lm_head(model: T5) -> None:
 def pack_linears(model: T5 | T5Encoder, layouts: str | dict[tuple[int, int], str] | None = None) -> T5 | T5Encoder:
     """Fuse the decoder's q/k/v, then lay every Linear out for CPU (eval only), in place; returns
     the model. layouts: a name in LAYOUTS holds for every weight, as $T5KIT_CPU_LAYOUT's does; else
-    the decoder's and the LM head's weights get a dict's name for their (out, in) shape, or the
-    chosen one (`choose_layout`, timed for decode steps of 1-16 rows), and the encoder's
-    DEFAULT_LAYOUT: its calls carry every token of a batch (rows >= 4 but for the shortest
-    inputs), where oneDNN's default packing beat MKL's GEMM behind F.linear by 8-35% on a 2-core
-    Zen 4 at 4,096 rows (768-wide t5-base shapes), whichever layout won the decode timing. Without oneDNN for the weights' dtype the model is
-    returned as it is."""
+    the decode step's weights get a dict's name for their (out, in) shape, or the chosen one
+    (`choose_layout`, timed for decode steps of 1-16 rows), and the weights that read the source
+    (the encoder's, and cross-attention's k and v, run once per request) DEFAULT_LAYOUT: their
+    calls carry every token of a batch (rows >= 4 but for the shortest inputs), where oneDNN's
+    default packing beat MKL's GEMM behind F.linear by 8-35% on a 2-core Zen 4 at 4,096 rows
+    (768-wide t5-base shapes), whichever layout won the decode timing. Without oneDNN for the
+    weights' dtype the model is returned as it is."""
     w = model.shared.weight
     if w.device.type != "cpu":
         raise ValueError(f"packing is for CPU inference; the model is on {w.device}")
@@ -300,7 +301,10 @@ def pack_linears(model: T5 | T5Encoder, layouts: str | dict[tuple[int, int], str
     if isinstance(model, T5):
         _own_lm_head(model)
         fuse_qkv(model)
-    encoder = {id(m) for m in model.encoder.modules()}
+    reads_source = {id(m) for m in model.encoder.modules()}  # the modules called with every source token
+    if isinstance(model, T5):  # cross-attention's k and v (once per request); its q and o run per step
+        reads_source |= {id(m) for blk in model.decoder.blocks for part in (blk.cross.k, blk.cross.v)
+                         for m in part.modules()}
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
@@ -309,7 +313,7 @@ def pack_linears(model: T5 | T5Encoder, layouts: str | dict[tuple[int, int], str
                 shape = tuple(child.weight.shape)
                 if isinstance(layouts, str):
                     layout = layouts
-                elif id(module) in encoder:
+                elif id(child) in reads_source:
                     layout = forced_layout() or DEFAULT_LAYOUT
                 else:
                     layout = (layouts or {}).get(shape) or choose_layout(shape, w.dtype)
