@@ -195,3 +195,16 @@ def test_encoder_weights_hold_the_default_packing():
         assert {m.layout for m in fast.modules() if isinstance(m, cpu.PackedLinear)} == {cpu.DEFAULT_LAYOUT}
         torch.testing.assert_close(fast(ids, mask), want, atol=1e-5, rtol=0)
         torch.testing.assert_close(packed.encode(ids, mask), want, atol=1e-5, rtol=0)
+
+
+def test_decisions_are_kept_apart_per_kernel_set(monkeypatch):
+    """A decision holds for the kernels it was timed with: capping oneDNN's ISA (ONEDNN_MAX_CPU_ISA,
+    as the AVX2 proxy runs do) gives another key, so decisions timed with AVX-512 kernels are not
+    reused with AVX2 ones (t5-base greedy batch 1 with AVX2 kernels: 0.75x CTranslate2 over the
+    reused decisions, 0.91x timed anew; one run each)."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    full = cpu.layout_key((768, 768), torch.float32)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = cpu.layout_key((768, 768), torch.float32)
+    assert capped != full and "AVX2" in capped[1] and full[0] == capped[0]

@@ -48,7 +48,7 @@ MARGIN = 0.9  # another layout is chosen only when it takes under 90% of the def
 # 2 or 8 rows: no gain); with AVX2 kernels it did not pay, hence a timed choice (docs/inference.md).
 PAD_ROWS = 4
 TIMED_ROWS = (1, 4, 16)  # rows per call timed: a batch-1 decode step, beam 4, batch 16
-_CHOSEN: dict[tuple, str] = {}  # layout_key -> layout: timed once per CPU model and shape, kept on disk (`_disk`)
+_CHOSEN: dict[tuple, str] = {}  # layout_key -> layout: timed once per CPU model, kernels and shape, kept on disk
 
 
 @functools.cache
@@ -141,8 +141,13 @@ def can_pack(dtype: torch.dtype) -> bool:
 
 
 def layout_key(shape: tuple[int, int], dtype: torch.dtype) -> tuple:
-    """What a layout decision holds for: the CPU model, the thread count, the dtype and the (out, in) shape."""
-    return cpu_info()["cpu"], torch.get_num_threads(), str(dtype), *shape
+    """What a layout decision holds for: the CPU model, the kernels (PyTorch's CPU capability and a
+    cap on oneDNN's ISA, which the environment can lower: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA),
+    the thread count, the dtype and the (out, in) shape. Decisions timed with AVX-512 kernels were
+    once reused under forced AVX2 ones, where padding to 4 rows loses."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "all"
+    kernels = f"{torch.backends.cpu.get_cpu_capability()}/{isa}"
+    return cpu_info()["cpu"], kernels, torch.get_num_threads(), str(dtype), *shape
 
 
 def forced_layout() -> str | None:
@@ -155,7 +160,7 @@ def forced_layout() -> str | None:
 
 def choose_layout(shape: tuple[int, int], dtype: torch.dtype) -> str:
     """The layout for an (out, in) weight: $T5KIT_CPU_LAYOUT if it names one; else the decision
-    made for this CPU model, thread count and dtype, in this process or saved by an earlier one
+    made for this CPU model, kernels, thread count and dtype (`layout_key`), in this process or saved by an earlier one
     (`_disk`); else, or with T5KIT_CPU_LAYOUT=timed, the fastest by `time_layouts` and `fastest`,
     saved. (Until issue 19's second pass AVX-512 CPUs kept DEFAULT_LAYOUT untimed, because the
     one-row timing alone once chose the batch-1 hint, which costs every multi-row step; `fastest`
@@ -190,7 +195,7 @@ def _disk_path() -> str:
 
 def _disk() -> dict[str, str]:
     """Decisions saved by earlier processes (timing a t5-base's shapes takes ~3 s of every start
-    otherwise), as {"cpu|threads|dtype|out|in": layout}; nothing when the file is missing, unreadable
+    otherwise), as {"cpu|kernels|threads|dtype|out|in": layout}; nothing when the file is missing, unreadable
     or was written under another rule."""
     try:
         with open(_disk_path()) as f:
