@@ -160,11 +160,11 @@ def forced_layout() -> str | None:
 
 def choose_layout(shape: tuple[int, int], dtype: torch.dtype) -> str:
     """The layout for an (out, in) weight: $T5KIT_CPU_LAYOUT if it names one; else the decision
-    made for this CPU model, kernels, thread count and dtype (`layout_key`), in this process or saved by an earlier one
-    (`_disk`); else, or with T5KIT_CPU_LAYOUT=timed, the fastest by `time_layouts` and `fastest`,
-    saved. (Until issue 19's second pass AVX-512 CPUs kept DEFAULT_LAYOUT untimed, because the
-    one-row timing alone once chose the batch-1 hint, which costs every multi-row step; `fastest`
-    now refuses a layout that slows multi-row calls.)"""
+    made for this CPU model, kernels, thread count and dtype (`layout_key`), in this process or
+    saved by an earlier one (`_disk`); else, or with T5KIT_CPU_LAYOUT=timed, the fastest by
+    `time_layouts` and `fastest`, saved. (Until issue 19's second pass AVX-512 CPUs kept
+    DEFAULT_LAYOUT untimed, because the one-row timing alone once chose the batch-1 hint, which
+    costs every multi-row step; `fastest` now refuses a layout that slows multi-row calls.)"""
     forced = forced_layout()
     if forced:
         return forced
@@ -195,8 +195,8 @@ def _disk_path() -> str:
 
 def _disk() -> dict[str, str]:
     """Decisions saved by earlier processes (timing a t5-base's shapes takes ~3 s of every start
-    otherwise), as {"cpu|kernels|threads|dtype|out|in": layout}; nothing when the file is missing, unreadable
-    or was written under another rule."""
+    otherwise), as {"cpu|kernels|threads|dtype|out|in": layout}; nothing when the file is missing,
+    unreadable or was written under another rule."""
     try:
         with open(_disk_path()) as f:
             saved = json.load(f)
@@ -303,13 +303,14 @@ def pack_linears(model: T5 | T5Encoder, layouts: str | dict[tuple[int, int], str
     if not can_pack(w.dtype):
         return model
     model.eval()
+    reads_source = {id(m) for m in model.encoder.modules()}  # the modules called with every source token
     if isinstance(model, T5):
         _own_lm_head(model)
         fuse_qkv(model)
-    reads_source = {id(m) for m in model.encoder.modules()}  # the modules called with every source token
-    if isinstance(model, T5):  # cross-attention's k and v (once per request); its q and o run per step
+        # cross-attention's k and v (once per request); its q and o run per step
         reads_source |= {id(m) for blk in model.decoder.blocks for part in (blk.cross.k, blk.cross.v)
                          for m in part.modules()}
+    source_layout = forced_layout() or DEFAULT_LAYOUT
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
@@ -319,7 +320,7 @@ def pack_linears(model: T5 | T5Encoder, layouts: str | dict[tuple[int, int], str
                 if isinstance(layouts, str):
                     layout = layouts
                 elif id(child) in reads_source:
-                    layout = forced_layout() or DEFAULT_LAYOUT
+                    layout = source_layout
                 else:
                     layout = (layouts or {}).get(shape) or choose_layout(shape, w.dtype)
                 setattr(module, name, PackedLinear(child.weight, layout))
