@@ -103,7 +103,7 @@ def test_layout_choice_is_deterministic_for_a_cached_decision(monkeypatch, tmp_p
 
 
 def test_decisions_are_saved_for_the_next_process(monkeypatch, tmp_path):
-    """A decision is timed once per CPU model, thread count, dtype and shape and saved
+    """A decision is timed once per CPU model, kernel set, thread count, dtype and shape and saved
     ($T5KIT_CACHE_DIR/cpu-layouts.json): the next process (here: an empty in-process table) reads
     it and times nothing. A file written under another rule, or unreadable, is timed anew;
     T5KIT_CPU_LAYOUT=timed times anew and saves."""
