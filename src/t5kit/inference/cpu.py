@@ -6,8 +6,9 @@
   and v), called with every token of a batch at once, in oneDNN's default packing (issue 20: 11% off
   a 4k-token LongT5 forward). The layouts (LAYOUTS): oneDNN's blocked layout, the layout its GEMM
   kernels read (what inductor's CPU `freezing` does for compiled graphs), packed without or with a
-  batch-1 hint, the same with calls of 1-3 rows padded to 4, or the weight as it is, for MKL's GEMV
-  / GEMM behind F.linear. Same fp32 arithmetic, float rounding aside. Measured on a 2-core AVX-512
+  batch-1 hint, the same with calls of 1-3 rows padded to 4, the weight as it is, for MKL's GEMV /
+  GEMM behind F.linear, or 32-row panels for t5kit's own kernel (`cpu_kernel`, fp32, built on first
+  use). Same fp32 arithmetic, float rounding aside. Measured on a 2-core AVX-512
   Intel CPU, packing made t5-small greedy decoding 1.4-1.7x faster than PyTorch's default path,
   which repacks the weight on every call (the 32k x 512 LM head alone: 6 ms per call unpacked, 2 ms
   packed); issue 19 asked that the layout be chosen per CPU class rather than assumed.
@@ -35,11 +36,13 @@ from torch import Tensor, nn
 
 from ..atomic import write_json
 from ..model.t5 import T5, T5Encoder
+from . import cpu_kernel
 
 # How a Linear's weight is held (PackedLinear): oneDNN's blocked layout for any batch (PyTorch's
 # default hint), the same packed for one row (a decode step at batch 1), the default packing called
-# with at least PAD_ROWS rows, or row-major for F.linear.
-LAYOUTS = ("onednn", "onednn_b1", "onednn_pad4", "plain")
+# with at least PAD_ROWS rows, row-major for F.linear, or t5kit's panels for cpu_kernel.linear
+# (fp32 only, where its library builds: `candidates`).
+LAYOUTS = ("onednn", "onednn_b1", "onednn_pad4", "plain", "t5kit")
 DEFAULT_LAYOUT = "onednn"  # the layout of every earlier release: kept unless another is clearly faster
 MARGIN = 0.9  # another layout is chosen only when it takes under 90% of the default's time
 # onednn_pad4: a call with fewer rows (a decode step at batch 1-3) is padded with zero rows to this
@@ -93,7 +96,7 @@ def _onednn_linear(x: Tensor, weight: Tensor, out_features: int, pad_rows: int) 
     return y[:rows].reshape(*x.shape[:-1], out_features)
 
 
-# The same as an operator of its own, for torch.compile (`--decode-mode compile`): inductor lowers
+# Both kernels as operators of their own, for torch.compile (`--decode-mode compile`): inductor lowers
 # mkldnn._linear_pointwise only over weights it packed itself as frozen constants, which it does not
 # do here (engine._compile), so the compiled decode step calls this as one opaque kernel over the
 # packed weight and fuses everything around it (norms, residuals, the cache write), which removes
@@ -102,8 +105,16 @@ def _onednn_linear(x: Tensor, weight: Tensor, out_features: int, pad_rows: int) 
 onednn_linear = torch.library.custom_op("t5kit::onednn_linear", _onednn_linear, mutates_args=())
 
 
+panel_linear = torch.library.custom_op("t5kit::panel_linear", cpu_kernel.linear, mutates_args=())
+
+
 @onednn_linear.register_fake
 def _(x: Tensor, weight: Tensor, out_features: int, pad_rows: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@panel_linear.register_fake
+def _(x: Tensor, panels: Tensor, out_features: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -114,18 +125,26 @@ class PackedLinear(nn.Module):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"CPU weight layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+        if layout == "t5kit" and layout not in candidates(weight.dtype):
+            raise ValueError(f"CPU weight layout t5kit: fp32 weights only (got {weight.dtype}), and its kernel "
+                             f"{cpu_kernel.unavailable_reason() or 'is available'}")
         self.out_features, self.in_features = weight.shape
         self.layout = layout
         self.pad_rows = PAD_ROWS if layout == "onednn_pad4" else 0
         weight = weight.detach().contiguous()
         if layout == "plain":
             self.weight = weight
+        elif layout == "t5kit":
+            self.weight = cpu_kernel.to_panels(weight)  # (ceil(out / 32), in, 32)
         else:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1 if layout == "onednn_b1" else None)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.layout == "plain":
             return F.linear(x, self.weight)
+        if self.layout == "t5kit":
+            return (panel_linear if torch.compiler.is_compiling() else cpu_kernel.linear)(x, self.weight,
+                                                                                         self.out_features)
         linear = onednn_linear if torch.compiler.is_compiling() else _onednn_linear
         return linear(x, self.weight, self.out_features, self.pad_rows)
 
@@ -138,6 +157,13 @@ def can_pack(dtype: torch.dtype) -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def candidates(dtype: torch.dtype) -> tuple[str, ...]:
+    """The layouts a weight of this dtype can take here: LAYOUTS, less t5kit's for non-fp32 weights
+    or where its kernel does not build (`cpu_kernel.available`)."""
+    own = dtype == torch.float32 and cpu_kernel.available()
+    return tuple(name for name in LAYOUTS if name != "t5kit" or own)
 
 
 def layout_key(shape: tuple[int, int], dtype: torch.dtype) -> tuple:
@@ -172,25 +198,26 @@ def choose_layout(shape: tuple[int, int], dtype: torch.dtype) -> str:
     if key not in _CHOSEN:
         saved = _disk()
         name = "|".join(map(str, key))
-        if saved.get(name) not in LAYOUTS or os.environ.get("T5KIT_CPU_LAYOUT") == "timed":
+        if saved.get(name) not in candidates(dtype) or os.environ.get("T5KIT_CPU_LAYOUT") == "timed":
             saved[name] = fastest(time_layouts(shape, dtype))
             try:
-                write_json(_disk_path(), {"rule": _RULE, "layouts": saved})
+                write_json(_disk_path(), {"rule": _rule(), "layouts": saved})
             except OSError as e:  # a read-only home: decide again in the next process
                 warnings.warn(f"CPU layout decisions not saved to {_disk_path()}: {e}", stacklevel=2)
         _CHOSEN[key] = saved[name]
     return _CHOSEN[key]
 
 
-# What a saved decision depends on besides its key: another rule, another decision.
-_RULE = f"{','.join(LAYOUTS)};rows {','.join(map(str, TIMED_ROWS))};margin {MARGIN};pad {PAD_ROWS}"
+def _rule() -> str:
+    """What a saved decision depends on besides its key (another rule, another decision): the layouts
+    timed (t5kit's among them where its kernel builds, and which version of it), the rows, margin and
+    padding."""
+    own = f"t5kit {cpu_kernel.version()}" if cpu_kernel.available() else "no t5kit"
+    return f"{','.join(LAYOUTS)} ({own});rows {','.join(map(str, TIMED_ROWS))};margin {MARGIN};pad {PAD_ROWS}"
 
 
 def _disk_path() -> str:
-    """$T5KIT_CACHE_DIR, else $XDG_CACHE_HOME/t5kit, else ~/.cache/t5kit; the file cpu-layouts.json."""
-    root = os.environ.get("T5KIT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "t5kit")
-    return os.path.join(root, "cpu-layouts.json")
+    return os.path.join(cpu_kernel.cache_dir(), "cpu-layouts.json")
 
 
 def _disk() -> dict[str, str]:
@@ -202,7 +229,7 @@ def _disk() -> dict[str, str]:
             saved = json.load(f)
     except (OSError, ValueError):
         return {}
-    ok = isinstance(saved, dict) and saved.get("rule") == _RULE and isinstance(saved.get("layouts"), dict)
+    ok = isinstance(saved, dict) and saved.get("rule") == _rule() and isinstance(saved.get("layouts"), dict)
     return dict(saved["layouts"]) if ok else {}
 
 
@@ -238,7 +265,7 @@ def time_layouts(shape: tuple[int, int], dtype: torch.dtype, rounds: int = 5) ->
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(out_f, in_f, generator=gen).to(dtype)
     xs = {rows: torch.randn(rows, in_f, generator=gen).to(dtype) for rows in TIMED_ROWS}
-    layouts = {name: [PackedLinear(weight.clone(), name) for _ in range(copies)] for name in LAYOUTS}
+    layouts = {name: [PackedLinear(weight.clone(), name) for _ in range(copies)] for name in candidates(dtype)}
     best = {name: dict.fromkeys(TIMED_ROWS, float("inf")) for name in layouts}
     with torch.inference_mode():
         for r in range(rounds + 1):  # the first pass warms up (first-call primitive creation)
