@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import glob
 import hashlib
 import os
 import platform
@@ -61,9 +62,12 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", None) or str(e)
             return None, f"building {_SOURCE} with {cc} failed: {detail.strip()[-500:]}"
+        for stale in glob.glob(os.path.join(os.path.dirname(path), f"cpu_linear-*-{isa.lower()}.so")):
+            if stale != path:  # earlier versions' builds (a process that has one loaded keeps its mapping)
+                os.remove(stale)
     lib = ctypes.CDLL(path)
     lib.t5kit_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
-    lib.t5kit_linear.restype = None
+    lib.t5kit_linear.restype = ctypes.c_int
     return lib, ""
 
 
@@ -87,6 +91,8 @@ def linear(x: Tensor, panels: Tensor, out_features: int) -> Tensor:
     x = x.contiguous()
     k = panels.shape[1]
     y = x.new_empty(*x.shape[:-1], out_features)
-    _build()[0].t5kit_linear(x.data_ptr(), panels.data_ptr(), y.data_ptr(), x.numel() // k, out_features, k,
-                             torch.get_num_threads())
+    rows = x.numel() // k
+    if _build()[0].t5kit_linear(x.data_ptr(), panels.data_ptr(), y.data_ptr(), rows, out_features, k,
+                                torch.get_num_threads()):
+        raise MemoryError(f"t5kit's CPU kernel: no memory to regroup {rows} x {k} fp32 inputs")
     return y
