@@ -1,7 +1,8 @@
 """t5kit's own CPU kernel (inference/cpu_kernel.py, cpu_linear.c; issue 19): y = x W^T over 32-row
 panels, for every tile the kernel has (rows 1-29: the 12-, 8-, 4-, 3-, 2- and 1-row paths), widths
 that leave a partial panel and depths that leave a partial chunk of k, with the float64 product's
-values to within the rounding of F.linear's own fp32 sums; and a clear reason where it cannot build."""
+values to within the rounding of F.linear's own fp32 sums, each row's result independent of the
+other rows of the call; and a clear reason where it cannot build."""
 
 import threading
 
@@ -31,6 +32,23 @@ def test_kernel_equals_the_float64_product(out_f, in_f):
             # with room for another summation order
             bound = 4 * max((F.linear(x, w).double() - want).abs().max().item(), 1e-6)
             assert (got.double() - want).abs().max().item() <= bound, rows
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_f", [768, 3072])  # 3,072: multi-row inputs regrouped by chunk of k
+def test_a_rows_result_does_not_depend_on_the_other_rows(in_f):
+    """Bit for bit: each row alone, every prefix of the batch (all tile sizes: 12, 8, 4, 3, 2, 1) and
+    the batch reversed give each row the same outputs, so serve's shared batch decodes a request as
+    `generate` does alone."""
+    gen = torch.Generator().manual_seed(in_f)
+    w = torch.randn(80, in_f, generator=gen)
+    panels = cpu_kernel.to_panels(w)
+    x = torch.randn(29, in_f, generator=gen)
+    full = cpu_kernel.linear(x, panels, 80)
+    for rows in range(1, 30):
+        assert torch.equal(cpu_kernel.linear(x[:rows], panels, 80), full[:rows]), rows
+    assert torch.equal(cpu_kernel.linear(x.flip(0), panels, 80), full.flip(0))
+    assert all(torch.equal(cpu_kernel.linear(x[i:i + 1], panels, 80), full[i:i + 1]) for i in range(29))
 
 
 @needs_kernel

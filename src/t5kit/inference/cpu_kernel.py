@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import glob
 import hashlib
 import os
 import platform
@@ -62,9 +61,6 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", None) or str(e)
             return None, f"building {_SOURCE} with {cc} failed: {detail.strip()[-500:]}"
-        for stale in glob.glob(os.path.join(os.path.dirname(path), f"cpu_linear-*-{isa.lower()}.so")):
-            if stale != path:  # earlier versions' builds (a process that has one loaded keeps its mapping)
-                os.remove(stale)
     lib = ctypes.CDLL(path)
     lib.t5kit_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
     lib.t5kit_linear.restype = ctypes.c_int

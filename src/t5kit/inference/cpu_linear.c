@@ -9,7 +9,8 @@
  * of a GEMM microkernel), so no horizontal sums are needed and rows of x share each weight load.
  *
  * Rounding: k is summed in chunks of KC, each chunk in registers and then added to y, which keeps
- * the error of a K = 3,072 dot product at MKL's level (one running sum over all of K doubled it).
+ * the error of a K = 3,072 dot product at MKL's level (one running sum over all of K doubled it),
+ * in one order whatever the number of rows (TILE).
  * Threads: OpenMP over panels, `threads` of them (PyTorch's count, passed in: the OpenMP default of
  * a thread PyTorch did not set up is every core). Built by cpu_kernel.py with -fopenmp, so it shares
  * the libgomp that PyTorch's Linux wheels load, and with it one thread pool. */
@@ -53,25 +54,11 @@ static inline void emit(float *y, const vf *a, long cols, int first) {
   for (long c = 0; c < cols; c++) y[c] = first ? t[c] : y[c] + t[c];
 }
 
-/* One row of x over kl steps of k: four running sums, so that four FMA chains are in flight. */
-static inline void row1(const float *x, const float *w, float *y, long kl, long cols, int first) {
-  vf a[4][NV];
-  for (int u = 0; u < 4; u++) for (int v = 0; v < NV; v++) a[u][v] = ZERO();
-  long k = 0;
-  for (; k + 4 <= kl; k += 4)
-    for (int u = 0; u < 4; u++) {
-      vf xb = BC(x[k + u]);
-      for (int v = 0; v < NV; v++) a[u][v] = FMA(xb, LD(w + (k + u) * 32 + v * VW), a[u][v]);
-    }
-  for (; k < kl; k++) {
-    vf xb = BC(x[k]);
-    for (int v = 0; v < NV; v++) a[0][v] = FMA(xb, LD(w + k * 32 + v * VW), a[0][v]);
-  }
-  for (int v = 0; v < NV; v++) a[0][v] = ADD(ADD(a[0][v], a[1][v]), ADD(a[2][v], a[3][v]));
-  emit(y, a[0], cols, first);
-}
-
-/* MR rows of x (stride ldx) over kl steps of k; each weight load serves MR rows. */
+/* MR rows of x (stride ldx) over kl steps of k; each weight load serves MR rows. Every tile size
+ * sums an output in the same order (one FMA chain a chunk, chunks added to y in turn), so a row's
+ * result does not depend on the other rows of the call: a request decodes the same alone or in
+ * serve's shared batch. (A one-row path with four chains a vector was no faster: the step is
+ * memory-bound.) */
 #define TILE(MR)                                                                                  \
   static inline void tile##MR(const float *x, long ldx, const float *w, float *y, long N, long kl, \
                               long cols, int first) {                                            \
@@ -87,6 +74,7 @@ static inline void row1(const float *x, const float *w, float *y, long kl, long 
     }                                                                                             \
     for (int i = 0; i < MR; i++) emit(y + i * N, a[i], cols, first);                              \
   }
+TILE(1)
 TILE(2)
 TILE(3)
 #if MRMAX == 12
@@ -137,7 +125,7 @@ int t5kit_linear(const float *x, const float *w, float *y, long M, long N, long 
 #endif
       if (r == 3) tile3(xm, ldx, wp, ym, N, kl, cols, first);
       else if (r == 2) tile2(xm, ldx, wp, ym, N, kl, cols, first);
-      else if (r == 1) row1(xm, wp, ym, kl, cols, first);
+      else if (r == 1) tile1(xm, ldx, wp, ym, N, kl, cols, first);
     }
   }
   free(xc);
