@@ -4,6 +4,7 @@ that leave a partial panel and depths that leave a partial chunk of k, with the 
 values to within the rounding of F.linear's own fp32 sums, each row's result independent of the
 other rows of the call; and a clear reason where it cannot build."""
 
+import re
 import threading
 
 import pytest
@@ -79,6 +80,9 @@ def test_a_failed_build_leaves_the_layout_out(monkeypatch, tmp_path):
         assert lib is None and "cpu_linear.c" in why and "no-such-cc" in why
     monkeypatch.setattr(cpu_kernel, "_build", lambda: (None, why))
     assert "t5kit" not in cpu.candidates(torch.float32)
-    with pytest.raises(ValueError, match="CPU weight layout t5kit: fp32 weights only"):
+    with pytest.raises(ValueError, match="CPU weight layout t5kit is unavailable here: " + re.escape(why)):
         cpu.PackedLinear(torch.randn(8, 8), "t5kit")
     assert "t5kit" not in cpu.candidates(torch.bfloat16)
+    monkeypatch.setattr(cpu_kernel, "_build", lambda: (object(), ""))
+    with pytest.raises(ValueError, match="CPU weight layout t5kit holds fp32 weights only; got torch.bfloat16"):
+        cpu.PackedLinear(torch.randn(8, 8, dtype=torch.bfloat16), "t5kit")

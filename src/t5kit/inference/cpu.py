@@ -125,9 +125,10 @@ class PackedLinear(nn.Module):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"CPU weight layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
-        if layout == "t5kit" and layout not in candidates(weight.dtype):
-            raise ValueError(f"CPU weight layout t5kit: fp32 weights only (got {weight.dtype}), and its kernel "
-                             f"{cpu_kernel.unavailable_reason() or 'is available'}")
+        if layout == "t5kit" and weight.dtype != torch.float32:
+            raise ValueError(f"CPU weight layout t5kit holds fp32 weights only; got {weight.dtype}")
+        if layout == "t5kit" and not cpu_kernel.available():
+            raise ValueError(f"CPU weight layout t5kit is unavailable here: {cpu_kernel.unavailable_reason()}")
         self.out_features, self.in_features = weight.shape
         self.layout = layout
         self.pad_rows = PAD_ROWS if layout == "onednn_pad4" else 0

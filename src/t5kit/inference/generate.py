@@ -61,8 +61,8 @@ class _Rows:
 
 
 @torch.inference_mode()
-def stream(model: T5, input_ids: Tensor, attention_mask: Tensor | None = None,
-           generator: torch.Generator | None = None, decode_mode: str = "auto", **kw) -> Iterator[tuple[Tensor, Tensor]]:
+def stream(model: T5, input_ids: Tensor, attention_mask: Tensor | None = None, generator: torch.Generator | None = None,
+           decode_mode: str = "auto", **kw) -> Iterator[tuple[Tensor, Tensor]]:
     """Greedy / sampling, one step at a time: yields (rows, tokens), the original row indices still
     running and each one's new token. A row's last yielded token is its EOS (or the length cap),
     on every device: finished rows leave after each step, at one host sync per step (a consumer

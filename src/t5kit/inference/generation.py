@@ -37,7 +37,8 @@ class GenerationConfig:
     def __post_init__(self):
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1"),
-            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", "0 <= min_new_tokens <= max_new_tokens"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
+             "0 <= min_new_tokens <= max_new_tokens"),
             (self.num_beams >= 1, "num_beams", "an integer >= 1"),
             (not self.do_sample or self.temperature > 0, "temperature", "> 0 when sampling"),
             (self.top_k >= 0, "top_k", ">= 0 (0 disables it)"),
