@@ -101,8 +101,9 @@ static float *by_chunk(const float *x, long M, long K) {
 /* Returns 0, or -1 when out of memory for the regrouped rows (nothing is written then). */
 int t5kit_linear(const float *x, const float *w, float *y, long M, long N, long K, int threads) {
   long panels = (N + 31) / 32;
-  float *xc = M > 1 && K > KC ? by_chunk(x, M, K) : NULL;
-  if (M > 1 && K > KC && !xc) return -1;
+  int regroup = M > 1 && K > KC;
+  float *xc = regroup ? by_chunk(x, M, K) : NULL;
+  if (regroup && !xc) return -1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long b = 0; b < panels; b++) {
     long cols = N - b * 32 < 32 ? N - b * 32 : 32;
